@@ -118,6 +118,20 @@ def test_missing_key_is_a_checkpoint_error(reference, tmp_path):
         load_siglip(tmp_path)
 
 
+def test_position_ids_buffers_are_skipped(reference, ours, tmp_path):
+    """Older checkpoints carry non-persistent `*.position_ids`: they load as if absent."""
+    source = SafetensorsFolder(reference["folder"])
+    tensors = {k: np.asarray(source[k]) for k in source}
+    cfg = reference["cfg"]
+    tensors["vision_model.embeddings.position_ids"] = np.arange(cfg.vision.num_patches)[None].astype(np.int64)
+    tensors["text_model.embeddings.position_ids"] = np.arange(cfg.text.max_position_embeddings)[None].astype(np.int64)
+    save_folder(tmp_path, tensors, reference["model"].config.to_dict(), weights_name="model")
+    loaded = load_siglip(tmp_path)
+    for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.state(loaded, nnx.Param)),
+                                      nnx.to_flat_state(nnx.state(ours, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(want.get_value()), err_msg=str(path))
+
+
 def test_sharded_load_places_params_by_logical_axes(reference):
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     model = load_siglip(reference["folder"], mesh)

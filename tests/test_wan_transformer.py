@@ -269,6 +269,19 @@ def test_corrupted_folders_name_the_key(tmp_path, torch_folder):
         load_transformer(no_config)
 
 
+def test_keys_diffusers_ignores_are_skipped(tmp_path, torch_folder, loop_model):
+    """`norm_added_q` keys (dropped by diffusers on load) load as if absent; other extra keys still fail."""
+    folder = torch_folder[0]
+
+    def extra(t):
+        t["blocks.0.attn2.norm_added_q.weight"] = np.ones((TINY.num_attention_heads * TINY.attention_head_dim,),
+                                                          np.float32)
+    model = load_transformer(_copy_with(folder, tmp_path / "i", extra))
+    for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                      nnx.to_flat_state(nnx.state(loop_model, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(want.get_value()), err_msg=str(path))
+
+
 # ----------------------------------------------------------------------------- config and inputs
 
 

@@ -262,17 +262,23 @@ def load_state(
     shardings: Any | None = None,
     strict: bool = True,
     name: str = "checkpoint",
+    ignore: str | re.Pattern | None = None,
 ) -> Any:
     """Fill `state` (nnx State, concrete or abstract) from `source` by `rules`.
 
-    Each tensor is cast explicitly to the dtype of its param and placed with
+    `ignore` is a regex: checkpoint keys it matches anywhere (`re.search`) are skipped, neither
+    loaded nor reported unexpected (e.g. buffers the reference itself drops on load). Each tensor is cast explicitly to the dtype of its param and placed with
     `jax.make_array_from_callback`, so each device reads only its own slice.
     Raises `CheckpointError` listing every missing / unexpected key and shape
     mismatch at once.
     """
     flat = _flat_state(state)
     flat_shardings = _flat_state(shardings) if shardings is not None else {}
-    targets, unmatched = map_checkpoint_keys(source.keys(), rules)
+    keys = source.keys()
+    if ignore is not None:
+        pattern = re.compile(ignore)
+        keys = [k for k in keys if not pattern.search(k)]
+    targets, unmatched = map_checkpoint_keys(keys, rules)
     problems = []
     unexpected = list(unmatched) + [k for p, items in targets.items() if p not in flat for _, k, _ in items]
     missing = [p for p in flat if p not in targets]

@@ -9,11 +9,9 @@ older checkpoints may carry are ignored.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -28,6 +26,10 @@ from halo_jax.convert.safetensors_io import (
 )
 from halo_jax.models.reward.siglip import SiglipConfig, SiglipModel
 from halo_jax.parallel.sharding import DEFAULT_RULES, Rules, state_shardings
+
+
+# Non-persistent buffers older checkpoints may carry (`*.position_ids`), as a regex.
+IGNORED_KEYS = r"position_ids$"
 
 
 def _linear(ckpt: str, param: str) -> list[Rule]:
@@ -85,23 +87,6 @@ def siglip_rules() -> list[Rule]:
     return [*vision_rules(), *text_rules(), Rule("logit_scale", "logit_scale"), Rule("logit_bias", "logit_bias")]
 
 
-class _WithoutBuffers(Mapping[str, np.ndarray]):
-    """A checkpoint view without non-persistent buffers (`*.position_ids`)."""
-
-    def __init__(self, source: Mapping[str, np.ndarray]):
-        self._source = source
-        self._keys = [k for k in source if not k.endswith("position_ids")]
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._source[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
 def load_siglip(folder: str | os.PathLike, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, *,
                 dtype: Any = None, param_dtype: Any = jnp.float32, attention_impl: str = "xla") -> SiglipModel:
     """A `SiglipModel` (both towers + logit scale/bias) from a local transformers folder.
@@ -117,8 +102,8 @@ def load_siglip(folder: str | os.PathLike, mesh: Mesh | None = None, rules: Rule
                                                  attention_impl=attention_impl))
     graphdef, state = nnx.split(abstract)
     shardings = state_shardings(state, mesh, rules) if mesh is not None else None
-    source = _WithoutBuffers(SafetensorsFolder(folder))
-    state = load_state(state, source, siglip_rules(), shardings, name=f"SigLIP checkpoint {folder}")
+    state = load_state(state, SafetensorsFolder(folder), siglip_rules(), shardings,
+                       name=f"SigLIP checkpoint {folder}", ignore=IGNORED_KEYS)
     return nnx.merge(graphdef, state)
 
 

@@ -14,10 +14,8 @@ leading `layers` axis).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -28,8 +26,8 @@ from halo_jax.models.wan.transformer import WanTransformer3D, WanTransformerConf
 from halo_jax.parallel.sharding import DEFAULT_RULES, Rules, state_shardings
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
-# Keys diffusers itself skips when loading (`_keys_to_ignore_on_load_unexpected`).
-IGNORED_KEY_PARTS = ("norm_added_q",)
+# Keys diffusers itself skips when loading (`_keys_to_ignore_on_load_unexpected`), as a regex.
+IGNORED_KEYS = r"norm_added_q"
 
 _TOP = (
     ("patch_embedding.weight", "patch_embedding.kernel", "conv3d"),
@@ -77,23 +75,6 @@ def checkpoint_rules(config: WanTransformerConfig) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-class _WithoutIgnored(Mapping[str, np.ndarray]):
-    """A view of a checkpoint without the keys diffusers ignores on load."""
-
-    def __init__(self, source: Mapping[str, np.ndarray]):
-        self._source = source
-        self._keys = [k for k in source if not any(p in k for p in IGNORED_KEY_PARTS)]
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._source[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
 def load_transformer(
     folder: str | os.PathLike,
     mesh: Mesh | None = None,
@@ -113,8 +94,8 @@ def load_transformer(
     abstract = nnx.eval_shape(lambda: WanTransformer3D(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shardings = state_shardings(state, mesh, rules) if mesh is not None else None
-    source = _WithoutIgnored(SafetensorsFolder(folder))
-    state = load_state(state, source, checkpoint_rules(config), shardings=shardings, name=str(folder))
+    state = load_state(state, SafetensorsFolder(folder), checkpoint_rules(config), shardings=shardings,
+                       name=str(folder), ignore=IGNORED_KEYS)
     return nnx.merge(graphdef, state)
 
 
