@@ -186,10 +186,14 @@ def test_bad_inputs_are_reported(videos):
 
 
 def test_cell_rule_is_the_project_rule():
-    patches = pytest.importorskip("halo_jax.align.patches")
-    for n, g in [(17, 2), (17, 3), (64, 4), (10, 3), (5, 5)]:
-        np.testing.assert_array_equal(O.cell_bounds(n, g), patches.cell_bounds(n, g))
-        np.testing.assert_array_equal(O.cell_bounds(n, g), D._bounds(n, g))
+    """The oracle's cells and the injector's boxes are `align.patches` cells (one rule, one home)."""
+    from halo_jax.align import patches
+
+    assert O.cell_bounds is patches.cell_bounds
+    for shape, grid in [((17, 10, 64), (3, 3, 4)), ((5, 7, 9), (5, 2, 3))]:
+        for cell in np.ndindex(*grid):
+            box = D.cell_box(cell, grid, shape)
+            assert tuple((s.start, s.stop) for s in box) == patches.pixel_box(cell, grid, shape)
 
 
 def test_wrongly_coloured_object_keeps_its_place(teachers):

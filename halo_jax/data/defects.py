@@ -1,8 +1,9 @@
 """Local defects for moving-shapes videos, placed in chosen cells of a `(Tp, Hp, Wp)` grid.
 
 `inject(frames, prompt, kind, cells, grid, seed)` corrupts every listed cell (its frame range
-and its pixel box; cells follow the project rule [floor(c n / g), floor((c + 1) n / g)))
-and nothing outside them. Kinds, and the oracle aspects each is meant to lower:
+and its pixel box; cells follow the project rule [floor(c n / g), floor((c + 1) n / g)) of
+`halo_jax.align.patches.cell_bounds`) and nothing outside them. Kinds, and the oracle aspects
+each is meant to lower:
 
     blotch       an ellipse of one off-palette colour over the cell's frames    visual_quality
                  (centre in the middle half of the box, semi-axes 0.25..0.45 of the box)
@@ -39,6 +40,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from halo_jax.align.patches import cell_bounds
 from halo_jax.data import shapes
 
 KINDS: tuple[str, ...] = ("blotch", "noise", "smear", "colour_swap", "flicker", "vanish")
@@ -64,19 +66,13 @@ class Defect:
     cells: tuple[Cell, ...]
 
 
-def _bounds(n: int, g: int) -> np.ndarray:
-    if not 1 <= g <= n:
-        raise ValueError(f"cannot split an axis of length {n} into {g} cells; use between 1 and {n} cells")
-    return (np.arange(g + 1) * n) // g
-
-
 def cell_box(cell: Sequence[int], grid: Sequence[int], shape: Sequence[int]) -> tuple[slice, slice, slice]:
     """(frames, rows, cols) slices of a cell of `grid` in a video of shape (F, H, W)."""
     if len(cell) != 3 or any(not 0 <= c < g for c, g in zip(cell, grid)):
         raise ValueError(f"cell {tuple(cell)} is outside the grid {tuple(grid)}")
     out = []
     for c, g, n in zip(cell, grid, shape):
-        b = _bounds(int(n), int(g))
+        b = cell_bounds(n, g)
         out.append(slice(int(b[c]), int(b[c + 1])))
     return tuple(out)  # type: ignore[return-value]
 

@@ -76,6 +76,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from halo_jax.align.patches import cell_bounds
 from halo_jax.data import shapes
 
 ASPECTS: tuple[str, ...] = ("visual_quality", "temporal_consistency", "text_alignment")
@@ -107,14 +108,6 @@ def observe(frames: np.ndarray, tolerance: int = 40) -> tuple[np.ndarray, np.nda
     dist = np.where(pal >= 0, dist, np.uint8(255))
     labels = np.where(dist <= tolerance, pal, np.int8(-1))
     return labels, dist
-
-
-def cell_bounds(n: int, g: int) -> np.ndarray:
-    """(g+1,) boundaries floor(c n / g) (the rule of `halo_jax.align.patches.cell_bounds`)."""
-    if not 1 <= g <= n:
-        raise ValueError(f"cannot split an axis of length {n} into {g} cells: every cell needs at least "
-                         f"one pixel; use between 1 and {n} cells on this axis")
-    return (np.arange(g + 1) * n) // g
 
 
 # ----------------------------------------------------------------------------- the fit
