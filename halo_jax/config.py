@@ -220,3 +220,36 @@ def dpo_config() -> ml_collections.ConfigDict:
         "max_skipped": 10,            # stop after this many non-finite steps (0: never)
         "on_corrupt": "skip",         # a corrupt pair record: skip (reported) or fail
     })
+
+
+def evaluate_config() -> ml_collections.ConfigDict:
+    """`config.evaluate`: stage `evaluate` (base vs aligned models on held-out prompts, same seeds).
+
+    Needs the `model`, `video` and `sampler` sections of `generate_config` (video size and
+    sampler of every evaluated model). `models` maps a name to a diffusers Wan folder
+    ("{workdir}" expands); empty: "base" (`model.path` or WORKDIR/base_ckpt) + WORKDIR/dpo_ckpt
+    if present. Defects use the top-level `config.defect_threshold`; the oracle uses
+    `config.aspects` and `config.grid`.
+    """
+    return ml_collections.ConfigDict({
+        "models": {},                 # name -> diffusers Wan folder; empty: the workdir's base_ckpt + dpo_ckpt
+        "base": "base",               # the model the others are compared with (win rates)
+        # prompts, as generate: a tuple, a file (.txt / .jsonl), or a moving-shapes split (first num_prompts)
+        "prompts": (), "prompts_file": "", "shapes_split": "heldout", "num_prompts": 8,
+        "samples_per_prompt": 4,      # seeds per prompt, the same for every model
+        "seed": -1,                   # base of the per-video seeds (as generate.seed); -1: config.seed
+        "batch_size": 8,              # videos per sampling call (per process)
+        "teacher": "auto",            # "auto" (the oracle if every prompt is a shapes prompt) | "oracle" | "none"
+        "reward_model": "",           # a reward-model export (reward_ckpt/) to score with as well; empty: skip
+        "bootstrap": 1000,            # bootstrap resamples of the (prompt, seed) units
+        "bootstrap_seed": 0,
+        "video_format": "mp4",        # videos under evaluate/<model>/videos: "mp4" or "gif"
+        "fps": 8.0,
+        "report": True,               # evaluate/report/index.html
+        "report_prompts": 4,          # prompts shown side by side in the report
+        "report_sample": 0,           # which sample (seed) of each shown prompt
+        "heatmap_judge": "auto",      # patch scores over the videos: "auto" (the oracle, else the reward model)
+        "train_metrics": {},          # name -> train_dpo metrics.jsonl; default: <model folder>/../dpo/metrics.jsonl
+        "vbench": False,              # also write VBench-named videos
+        "vbench_dir": "",             # empty: WORKDIR/evaluate/vbench
+    })

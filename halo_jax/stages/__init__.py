@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {
     "score": "halo_jax.stages.score",
     "pairs": "halo_jax.stages.pairs",
     "train_dpo": "halo_jax.stages.train_dpo",
+    "evaluate": "halo_jax.stages.evaluate",
 }
 PIPELINE = "pipeline"
 

@@ -1,0 +1,136 @@
+"""Per-video evaluation records -> metrics per judge, model and aspect, and the printed table.
+
+A record (one line of `evaluate/scores.jsonl`) is one video of one model:
+
+    {"model", "video_id", "prompt", "prompt_index", "sample_index", "seed", "video",
+     "judges": {judge: {"aspects": [...], "grid": [Tp, Hp, Wp],
+                        "video_scores": {aspect: float}, "patch_scores": {aspect: (Tp, Hp, Wp) lists}}}}
+
+For each judge (the oracle, the reward model) and model, over the units (prompt index,
+sample index) every model has:
+
+    video_score[a]  mean video score of aspect a; "overall": of the mean over aspects
+    defect_rate[a]  fraction of cells with score < threshold; "overall": cells whose mean
+                    over aspects is < threshold (DESIGN section 4)
+    win_rate[a]     (aligned models) P(model's score > base's on the same unit), ties 1/2;
+                    "overall" compares the mean over aspects
+
+each with a paired bootstrap 95% CI (`stats.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from halo_jax.eval.stats import Estimate, bootstrap_indices, bootstrap_mean, defect_fraction, win_indicator
+
+OVERALL = "overall"
+SHORT = {"visual_quality": "VQ", "temporal_consistency": "TC", "text_alignment": "TA"}
+
+
+def unit_of(record: dict) -> tuple[int, int]:
+    return int(record["prompt_index"]), int(record["sample_index"])
+
+
+def judge_arrays(records: Sequence[dict], judge: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(aspects, video scores (n, A), cell scores (n, A, Tp, Hp, Wp)) of one judge over `records`."""
+    aspects = list(records[0]["judges"][judge]["aspects"])
+    video, patch = [], []
+    for r in records:
+        j = r["judges"].get(judge)
+        if j is None or list(j["aspects"]) != aspects:
+            raise ValueError(f"video {r['model']}/{r['video_id']} has no {judge!r} scores over aspects {aspects}; "
+                             "delete its record under evaluate/ so the stage judges it again")
+        video.append([j["video_scores"][a] for a in aspects])
+        patch.append([j["patch_scores"][a] for a in aspects])
+    return aspects, np.asarray(video, np.float64), np.asarray(patch, np.float64)
+
+
+def paired_records(records: Sequence[dict], models: Sequence[str]) -> tuple[list[tuple[int, int]], dict[str, list]]:
+    """The units of the first model and, per model, its records in that unit order (all must be present)."""
+    by_model: dict[str, dict[tuple[int, int], dict]] = {m: {} for m in models}
+    for r in records:
+        if r["model"] in by_model:
+            by_model[r["model"]][unit_of(r)] = r
+    units = sorted(by_model[models[0]])
+    if not units:
+        raise ValueError(f"no evaluation records for model {models[0]!r}")
+    for m in models:
+        missing = [u for u in units if u not in by_model[m]]
+        if missing:
+            raise ValueError(f"model {m!r} has no video for (prompt, sample) {missing[:5]} that {models[0]!r} has; "
+                             "re-run the evaluate stage to finish it")
+    return units, {m: [by_model[m][u] for u in units] for m in models}
+
+
+def compute_metrics(records: Sequence[dict], models: Sequence[str], base: str, *, threshold: float,
+                    resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """`{"units", "bootstrap", "judges": {judge: {"aspects", "models": {model: {metric: {aspect: Estimate
+    dict}}}}}}` (module docstring); `models` lists the base first or anywhere, `base` names it."""
+    if base not in models:
+        raise ValueError(f"base model {base!r} is not among the evaluated models {list(models)}")
+    order = [base] + [m for m in models if m != base]
+    units, paired = paired_records(records, order)
+    idx = bootstrap_indices(len(units), resamples, seed)
+    judges = sorted(set.intersection(*(set(r["judges"]) for m in order for r in paired[m])))
+    out = {"units": len(units), "defect_threshold": float(threshold),
+           "bootstrap": {"resamples": int(resamples), "seed": int(seed), "level": level, "unit": "(prompt, seed)"},
+           "judges": {}}
+    for judge in judges:
+        arrays = {m: judge_arrays(paired[m], judge) for m in order}
+        aspects = arrays[base][0]
+        for m in order:
+            if arrays[m][0] != aspects:
+                raise ValueError(f"judge {judge!r} scored {m!r} over aspects {arrays[m][0]} but {base!r} over "
+                                 f"{aspects}; re-judge with one set of aspects")
+        result = {}
+        for m in order:
+            _, video, patch = arrays[m]
+            entry = {"video_score": {}, "defect_rate": {}}
+            for i, a in enumerate(aspects):
+                entry["video_score"][a] = bootstrap_mean(video[:, i], idx, level).to_dict()
+                entry["defect_rate"][a] = bootstrap_mean(defect_fraction(patch[:, i], threshold), idx, level).to_dict()
+            entry["video_score"][OVERALL] = bootstrap_mean(video.mean(axis=1), idx, level).to_dict()
+            entry["defect_rate"][OVERALL] = bootstrap_mean(defect_fraction(patch.mean(axis=1), threshold), idx,
+                                                           level).to_dict()
+            if m != base:
+                _, bvideo, _ = arrays[base]
+                entry["win_rate"] = {a: bootstrap_mean(win_indicator(video[:, i], bvideo[:, i]), idx, level).to_dict()
+                                     for i, a in enumerate(aspects)}
+                entry["win_rate"][OVERALL] = bootstrap_mean(
+                    win_indicator(video.mean(axis=1), bvideo.mean(axis=1)), idx, level).to_dict()
+            result[m] = entry
+        out["judges"][judge] = {"aspects": aspects, "grid": paired[base][0]["judges"][judge].get("grid"),
+                                "models": result}
+    return out
+
+
+def _ci(e: dict, percent: bool = False) -> str:
+    f = (lambda x: f"{100 * x:.1f}") if percent else (lambda x: f"{x:.2f}")
+    return f"{f(e['mean'])} [{f(e['lo'])}, {f(e['hi'])}]" + ("%" if percent else "")
+
+
+def format_table(metrics: dict, base: str) -> str:
+    """A compact text table per judge: overall score, per-aspect means, defect rate, win rate vs base."""
+    lines = []
+    for judge, j in metrics["judges"].items():
+        aspects = j["aspects"]
+        names = [SHORT.get(a, a[:8]) for a in aspects]
+        header = ["model", "score [95% CI]", *names, "defects [95% CI]", f"win vs {base} [95% CI]"]
+        rows = []
+        for m, e in j["models"].items():
+            win = _ci(e["win_rate"][OVERALL], percent=True) if "win_rate" in e else "-"
+            rows.append([m, _ci(e["video_score"][OVERALL]), *(f"{e['video_score'][a]['mean']:.2f}" for a in aspects),
+                         _ci(e["defect_rate"][OVERALL], percent=True), win])
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        lines.append(f"{judge}: {metrics['units']} (prompt, seed) units per model; defect = cell score < "
+                     f"{metrics['defect_threshold']:g}; scores in [1, 5]")
+        for r in [header, *rows]:
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def estimate(d: dict) -> Estimate:
+    return Estimate(d["mean"], d["lo"], d["hi"], d["n"])

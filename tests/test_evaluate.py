@@ -1,0 +1,210 @@
+"""Stage `evaluate` on two tiny random Wan pipelines (2 held-out prompts x 2 seeds, 9 x 32 x 32), and
+the statistics behind its metrics (bootstrap CI and defect / win rates against hand computations).
+
+One stage run evaluates three "models": base, the same folder again ("same") and another DiT
+("other"). Models of one architecture share one compiled sampler, so the run compiles once.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from eval_world import PROMPTS, VIDEO, make_pipelines
+from halo_jax.config import base_config, evaluate_config, generate_config
+from halo_jax.data.video_io import read_mp4
+from halo_jax.eval.metrics import compute_metrics, format_table
+from halo_jax.eval.stats import bootstrap_indices, bootstrap_mean, defect_fraction, win_indicator
+from halo_jax.eval.vbench import vbench_name
+from halo_jax.models.wan import pipeline as pipeline_lib
+from halo_jax.stages import evaluate as evaluate_stage
+from halo_jax.stages import get_stage
+from halo_jax.stages.generate import sample_seed
+
+SEEDS = 2
+
+
+def make_config(models: dict) -> object:
+    config = base_config()
+    generate_config(config)
+    config.evaluate = evaluate_config()
+    config.video.update(**VIDEO)
+    config.sampler.num_steps = 3
+    config.evaluate.update(models={k: str(v) for k, v in models.items()}, num_prompts=len(PROMPTS),
+                           samples_per_prompt=SEEDS, batch_size=4, bootstrap=200, vbench=True, report_prompts=2)
+    return config
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    base, other = make_pipelines(root)
+    # A train_dpo-style metrics log beside "other" (the report plots it).
+    (root / "dpo").mkdir()
+    (root / "dpo" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 0.69 - 0.01 * s, "loss_video": 0.69, "loss_patch": 0.6, "acc_video": 0.5,
+                    "acc_patch": 0.55}) + "\n" for s in range(1, 6)))
+    config = make_config({"base": base, "same": base, "other": other})
+    work = root / "work"
+    get_stage("evaluate")(config, str(work))
+    return config, work / "evaluate"
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+
+
+def test_metrics_json_fields(evaluated):
+    config, out = evaluated
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["models"]) == ["base", "other", "same"] and m["base"] == "base"
+    assert m["prompts"] == PROMPTS and m["samples_per_prompt"] == SEEDS and m["units"] == len(PROMPTS) * SEEDS
+    assert m["generated_this_run"] == 3 * len(PROMPTS) * SEEDS and m["judges_run"] == ["oracle"]
+    assert m["bootstrap"]["resamples"] == 200 and m["defect_threshold"] == 3.0
+    j = m["judges"]["oracle"]
+    assert j["aspects"] == list(config.aspects) and j["grid"] == list(config.grid)
+    for name, e in j["models"].items():
+        for key in ("video_score", "defect_rate"):
+            assert set(e[key]) == {*config.aspects, "overall"}
+            for est in e[key].values():
+                assert est["lo"] <= est["mean"] <= est["hi"] and est["n"] == m["units"]
+        assert 1.0 <= e["video_score"]["overall"]["mean"] <= 5.0
+        assert ("win_rate" in e) == (name != "base")
+    assert (out / "table.txt").read_text().startswith("oracle:")
+    for name in m["models"]:
+        assert len(list((out / name / "videos").glob("*.mp4"))) == len(PROMPTS) * SEEDS
+    assert len(_records(out)) == 3 * len(PROMPTS) * SEEDS
+
+
+def test_same_folder_same_seeds_identical_videos(evaluated):
+    config, out = evaluated
+    recs = {(r["model"], r["prompt_index"], r["sample_index"]): r for r in _records(out)}
+    for p in range(len(PROMPTS)):
+        for k in range(SEEDS):
+            a, b, o = recs["base", p, k], recs["same", p, k], recs["other", p, k]
+            assert a["seed"] == b["seed"] == o["seed"] == sample_seed(config.seed, p, k)
+            np.testing.assert_array_equal(read_mp4(out / a["video"]), read_mp4(out / b["video"]))
+            assert a["judges"] == b["judges"]
+            assert not np.array_equal(read_mp4(out / a["video"]), read_mp4(out / o["video"]))
+    assert not np.array_equal(read_mp4(out / recs["base", 0, 0]["video"]), read_mp4(out / recs["base", 0, 1]["video"]))
+    win = json.loads((out / "metrics.json").read_text())["judges"]["oracle"]["models"]["same"]["win_rate"]
+    for est in win.values():
+        assert est["mean"] == 0.5 and est["lo"] <= 0.5 <= est["hi"]
+
+
+def test_defect_rate_and_scores_match_records(evaluated):
+    config, out = evaluated
+    m = json.loads((out / "metrics.json").read_text())["judges"]["oracle"]["models"]
+    records = _records(out)
+    for name, e in m.items():
+        mine = [r["judges"]["oracle"] for r in records if r["model"] == name]
+        for a in config.aspects:
+            cells = np.concatenate([np.ravel(j["patch_scores"][a]) for j in mine])
+            assert e["defect_rate"][a]["mean"] == pytest.approx(np.mean(cells < config.defect_threshold), abs=1e-12)
+            assert e["video_score"][a]["mean"] == pytest.approx(np.mean([j["video_scores"][a] for j in mine]))
+        mean_cells = np.concatenate([np.mean([np.ravel(j["patch_scores"][a]) for a in config.aspects], axis=0)
+                                     for j in mine])
+        assert e["defect_rate"]["overall"]["mean"] == pytest.approx(np.mean(mean_cells < config.defect_threshold))
+
+
+def test_vbench_export_and_report(evaluated):
+    _, out = evaluated
+    for name in ("base", "other", "same"):
+        folder = out / "vbench" / name
+        assert (folder / "prompts.txt").read_text().splitlines() == PROMPTS
+        for r in (r for r in _records(out) if r["model"] == name):
+            exported = folder / f"{r['prompt']}-{r['sample_index']}.mp4"
+            assert exported.read_bytes() == (out / r["video"]).read_bytes()
+    assert sorted(p.name for p in (out / "vbench" / "base").glob("*.mp4")) == sorted(
+        vbench_name(p, k) for p in PROMPTS for k in range(SEEDS))
+    index = (out / "report" / "index.html").read_text()
+    for name in ("base", "other", "same"):
+        assert f"media/{name}/p000000-s000_heat.gif" in index
+    assert "plots/train_loss.png" in index and "plots/oracle_defect_rate.png" in index
+
+
+def test_resume_generates_nothing_then_only_what_is_missing(evaluated, tmp_path, monkeypatch):
+    config, out = evaluated
+    config = config.copy_and_resolve_references()
+    config.evaluate.update(report=False, vbench=False)  # only the generation is under test here
+    work = tmp_path / "work"
+    shutil.copytree(out, work / "evaluate")
+    before = (work / "evaluate" / "other" / "records" / "p000001-s000.json").read_text()
+
+    def no_load(*a, **k):
+        raise AssertionError("resume must not load a model when every video is done")
+
+    monkeypatch.setattr(evaluate_stage, "load_pipeline", no_load)
+    get_stage("evaluate")(config, str(work))
+    assert json.loads((work / "evaluate" / "metrics.json").read_text())["generated_this_run"] == 0
+    assert (work / "evaluate" / "other" / "records" / "p000001-s000.json").read_text() == before
+
+    # A missing record is regenerated alone, with its own seed (fake sampler: no compile).
+    (work / "evaluate" / "other" / "records" / "p000001-s000.json").unlink()
+    calls = []
+
+    def fake_generate(self, prompts, seeds):
+        calls.append((list(prompts), list(seeds)))
+        n = len(prompts)
+        return np.zeros((n, 1)), np.full((n, VIDEO["frames"], VIDEO["height"], VIDEO["width"], 3), 0, np.uint8)
+
+    monkeypatch.setattr(evaluate_stage, "load_pipeline", pipeline_lib.load_pipeline)
+    monkeypatch.setattr(pipeline_lib.Generator, "generate", fake_generate)
+    get_stage("evaluate")(config, str(work))
+    assert len(calls) == 1 and calls[0][1][0] == sample_seed(config.seed, 1, 0) and calls[0][0][0] == PROMPTS[1]
+    assert json.loads((work / "evaluate" / "metrics.json").read_text())["generated_this_run"] == 1
+
+
+def test_bootstrap_ci_against_hand_computation():
+    values = np.array([3.0, 4.5, 1.0, 2.0, 5.0])
+    resamples, seed = 40, 7
+    idx = bootstrap_indices(len(values), resamples, seed)
+    assert idx.shape == (resamples, 5) and idx.min() >= 0 and idx.max() < 5
+    np.testing.assert_array_equal(idx, bootstrap_indices(len(values), resamples, seed))  # fixed RNG seed
+    means = sorted(sum(values[i] for i in row) / 5 for row in idx.tolist())
+
+    def quantile(q):  # linear interpolation between order statistics
+        pos = q * (resamples - 1)
+        lo = int(np.floor(pos))
+        return means[lo] + (pos - lo) * (means[min(lo + 1, resamples - 1)] - means[lo])
+
+    est = bootstrap_mean(values, idx)
+    assert est.mean == pytest.approx(3.1) and est.n == 5
+    assert est.lo == pytest.approx(quantile(0.025)) and est.hi == pytest.approx(quantile(0.975))
+    assert est.lo < est.mean < est.hi
+    const = bootstrap_mean(np.full(5, 2.5), idx)
+    assert (const.lo, const.mean, const.hi) == (2.5, 2.5, 2.5)
+    with pytest.raises(ValueError, match="one value per unit"):
+        bootstrap_mean(values[:4], idx)
+
+
+def test_win_and_defect_rates_on_fixed_records():
+    np.testing.assert_array_equal(win_indicator([3, 2, 4], [2, 2, 5]), [1.0, 0.5, 0.0])
+    np.testing.assert_array_equal(defect_fraction([[[2.9, 3.0]], [[1.0, 1.0]]], 3.0), [0.5, 1.0])
+
+    def record(model, p, vq, ta, cells_vq, cells_ta):
+        return {"model": model, "video_id": f"{p}", "prompt": "x", "prompt_index": p, "sample_index": 0, "seed": p,
+                "judges": {"oracle": {"aspects": ["vq", "ta"], "grid": [1, 1, 2],
+                                      "video_scores": {"vq": vq, "ta": ta},
+                                      "patch_scores": {"vq": [[cells_vq]], "ta": [[cells_ta]]}}}}
+
+    records = [record("base", 0, 3.0, 3.0, [2.0, 4.0], [2.0, 4.0]), record("base", 1, 2.0, 4.0, [1.0, 1.0], [5.0, 5.0]),
+               record("base", 2, 4.0, 4.0, [5.0, 5.0], [5.0, 5.0]),
+               record("new", 0, 4.0, 3.0, [4.0, 4.0], [2.0, 4.0]), record("new", 1, 3.0, 3.0, [1.0, 5.0], [5.0, 5.0]),
+               record("new", 2, 3.0, 4.0, [5.0, 5.0], [1.0, 5.0])]
+    m = compute_metrics(records, ["base", "new"], "base", threshold=3.0, resamples=50, seed=0)
+    new = m["judges"]["oracle"]["models"]["new"]
+    # overall video scores: base 3, 3, 4 ; new 3.5, 3, 3.5 -> wins 1, 0.5, 0
+    assert new["win_rate"]["overall"]["mean"] == pytest.approx(0.5)
+    assert new["win_rate"]["vq"]["mean"] == pytest.approx(2 / 3)  # 4>3, 3>2, 3<4
+    # defect cells (< 3): vq 0 + 1 + 0 of 6 ; ta 1 + 0 + 1 of 6 ; mean over aspects: [3, 4], [3, 5], [3, 5] -> 0
+    assert new["defect_rate"]["vq"]["mean"] == pytest.approx(1 / 6)
+    assert new["defect_rate"]["ta"]["mean"] == pytest.approx(2 / 6)
+    assert new["defect_rate"]["overall"]["mean"] == 0.0
+    base = m["judges"]["oracle"]["models"]["base"]
+    assert base["defect_rate"]["vq"]["mean"] == pytest.approx(3 / 6) and "win_rate" not in base
+    assert base["video_score"]["overall"]["mean"] == pytest.approx(10 / 3)
+    assert "new" in format_table(m, "base")
+    with pytest.raises(ValueError, match="has no video"):
+        compute_metrics(records[:5], ["base", "new"], "base", threshold=3.0)
