@@ -14,6 +14,9 @@ Templates may hold `{name}` placeholders that match integers (layer indices):
 A param template may end with `[{i}]` to address index i of a stacked (scanned)
 parameter: `Rule("blocks.{i}.ffn.weight", "blocks.ffn.kernel[{i}]", "linear")`.
 
+Checkpoint keys the reference itself drops on load (non-persistent buffers, ...) are skipped
+with `load_state(..., ignore=regex)`, the one place such filters live.
+
 Transforms convert the PyTorch layout to ours (and back, for export):
     linear  (out, in) -> (in, out)
     conv1d  (O, I, K) -> (K, I, O)
@@ -243,11 +246,6 @@ def map_checkpoint_keys(keys: Iterable[str], rules: Sequence[Rule]) -> tuple[dic
 
 def _flat_state(state) -> dict[str, nnx.Variable]:
     return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
-
-
-def _to_ours(arr: np.ndarray, transform: str) -> np.ndarray:
-    perm = PERMUTATIONS[transform]
-    return arr if perm is None else np.transpose(arr, perm)
 
 
 def _to_theirs(arr: np.ndarray, transform: str) -> np.ndarray:
