@@ -208,3 +208,41 @@ def test_win_and_defect_rates_on_fixed_records():
     assert "new" in format_table(m, "base")
     with pytest.raises(ValueError, match="has no video"):
         compute_metrics(records[:5], ["base", "new"], "base", threshold=3.0)
+
+
+def test_reward_model_judge_records(tmp_path):
+    """The reward-model judge: a tiny random export scores videos into the record layout the metrics read."""
+    from flax import nnx
+
+    from dpo_world import random_module
+    from halo_jax.data import shapes
+    from halo_jax.models.reward.reward_model import RewardModel, RewardModelConfig
+    from halo_jax.models.reward.siglip import SiglipTextConfig, SiglipVisionConfig
+    from halo_jax.models.text import build_word_tokenizer
+    from halo_jax.reward.model_io import save_reward_model
+
+    tok = build_word_tokenizer(PROMPTS, tmp_path / "tok", model_max_length=8)
+    cfg = RewardModelConfig(
+        vision=SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=16, patch_size=8),
+        text=SiglipTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              vocab_size=len(tok), max_position_embeddings=8),
+        num_frames=2, width=16, num_layers=1, num_heads=2, head_hidden=16, grid=(2, 2, 2))
+    model = random_module(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)), 5)
+    folder = save_reward_model(model, tmp_path / "reward_ckpt", tok, 8, info={"clip": [2, 16, 16]})
+    config = make_config({"base": tmp_path})
+    config.evaluate.update(reward_model=str(folder), teacher="none")
+    assert evaluate_stage.judge_names(config.evaluate, PROMPTS) == ["reward_model"]
+    judges = evaluate_stage.Judges(config, ["reward_model"], batch_size=2)
+    frames = np.stack([shapes.render(p, 1, **VIDEO) for p in PROMPTS])
+    verdicts = judges.judge(frames, PROMPTS)
+    for v in verdicts:
+        j = v["reward_model"]
+        assert j["aspects"] == list(cfg.aspects) and j["grid"] == [2, 2, 2] and j["id"] == judges.ids["reward_model"]
+        assert all(np.isfinite(j["video_scores"][a]) for a in cfg.aspects)
+        assert all(np.shape(j["patch_scores"][a]) == (2, 2, 2) for a in cfg.aspects)
+        assert judges.complete({"judges": v})
+    records = [{"model": m, "video_id": str(i), "prompt": p, "prompt_index": i, "sample_index": 0, "seed": i,
+                "judges": verdicts[i]} for m in ("base", "x") for i, p in enumerate(PROMPTS)]
+    m = compute_metrics(records, ["base", "x"], "base", threshold=3.0, resamples=20)
+    assert m["judges"]["reward_model"]["models"]["x"]["win_rate"]["overall"]["mean"] == 0.5
