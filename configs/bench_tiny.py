@@ -26,4 +26,22 @@ def get_config() -> ConfigDict:
     c.learning_rate = 1e-4
     c.peak_flops = 0.0       # FLOP/s per device; 0 = the bf16 table by device kind (CPU: n/a)
     c.torch_threads = 0      # --compare_torch: torch.set_num_threads; 0 = os.cpu_count()
+    add_modes(c)
     return c
+
+
+def add_modes(c: ConfigDict) -> None:
+    """`mode` and the sections of the "levers" and "fsdp" modes (halo_jax/benchmarks/)."""
+    c.mode = "steps"         # steps | levers | fsdp
+    c.levers = ConfigDict({
+        "names": "",         # comma-separated subset of halo_jax.benchmarks.levers.LEVER_NAMES; "" = all
+        "grad_accum": 2,     # micro-batches of the grad_accum lever (must divide batch/2)
+        "steps": 0,          # timed steps per lever after `warmup`; 0 = compile (memory) only
+        "warmup": 1,
+        "text_encoder_row": True,
+        # the umT5 encoder the "text embeddings precomputed" row measures (UMT5Config fields)
+        "text_encoder": ConfigDict({"vocab_size": 64, "d_model": 24, "d_kv": 8, "d_ff": 48, "num_layers": 2,
+                                    "num_heads": 3, "relative_attention_num_buckets": 8,
+                                    "relative_attention_max_distance": 16}),
+    })
+    c.fsdp = ConfigDict({"sizes": (1, 2, 4, 8), "kinds": "sft,dpo_full,dpo_lora"})

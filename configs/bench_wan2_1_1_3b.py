@@ -7,7 +7,15 @@ float32 master weights, LoRA Gran-DPO, 33x480x832 pixels (9x60x104 latents, 1404
 Meant for an accelerator (H100/H200/TPU); weights are made as constants under one jit on the mesh.
 """
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
+
+_spec = importlib.util.spec_from_file_location("bench_tiny", os.path.join(os.path.dirname(__file__), "bench_tiny.py"))
+_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tiny)
+add_modes = _tiny.add_modes
 
 
 def get_config() -> ConfigDict:
@@ -28,4 +36,11 @@ def get_config() -> ConfigDict:
     c.learning_rate = 1e-4
     c.peak_flops = 0.0       # FLOP/s per device; 0 = the bf16 table by device kind
     c.torch_threads = 0
+    add_modes(c)
+    # --config.mode=levers: umT5-XXL is what precomputed embeddings save (5.7B params; needs the memory)
+    c.levers.text_encoder = ConfigDict({"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240,
+                                        "num_layers": 24, "num_heads": 64, "param_dtype": "bfloat16",
+                                        "dtype": "bfloat16"})
+    c.levers.grad_accum = 1  # one pair per step: the grad_accum lever needs --config.batch=4 or more
+    c.levers.names = "baseline,remat_full,remat_dots_nobatch,scan_remat_full,bf16_params"
     return c

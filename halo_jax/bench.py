@@ -1,6 +1,10 @@
 r"""Benchmark of the Wan DiT steps: `python -m halo_jax.bench --config=configs/bench_tiny.py [--out=F.json]
 [--compare_torch] [--config.a.b=value ...]`.
 
+`--config.mode` picks what is measured: "steps" (this module, below), "levers" (the memory levers of
+the DPO step, `halo_jax/benchmarks/levers.py`) or "fsdp" (per-device memory against the fsdp size,
+`halo_jax/benchmarks/fsdp.py`).
+
 Step kinds, on one batch of `config.batch` videos (latents (C, F, H, W), text (text_len, text_dim)):
 
     sft            flow-matching SFT step: `denoising_loss` through `make_train_step`, full FT, AdamW
@@ -69,6 +73,7 @@ from halo_jax.train.objectives import denoising_loss
 from halo_jax.train.state import init_train_state, make_train_step, pure, split_model, train_state_shardings
 
 KINDS = ("sft", "diffusion_dpo", "gran_dpo", "sample")
+MODES = ("steps", "levers", "fsdp")  # config.mode: this module's step benchmark, or halo_jax/benchmarks/*
 PRESETS = ("tiny", "wan2_1_t2v_1_3b", "wan2_1_t2v_14b", "custom")
 WAN_VAE_STRIDES = (4, 8, 8)  # pixel -> latent (frames causal: F = (frames - 1)/4 + 1)
 WAN_LATENT_CHANNELS = 16
@@ -624,14 +629,31 @@ def machine() -> dict:
 
 def run(c: ConfigDict, compare_torch: bool = False, out: str | None = None,
         log: Callable[[str], None] = print) -> dict:
-    """The whole benchmark: JAX kinds, optionally the torch reference; writes JSON to `out`."""
-    report = {"machine": machine(), **bench_jax(c, log)}
+    """The whole benchmark of `c.mode` ("steps": the JAX kinds, optionally the torch reference;
+    "levers": halo_jax/benchmarks/levers.py; "fsdp": halo_jax/benchmarks/fsdp.py); writes JSON to `out`."""
+    mode = str(c.get("mode", "steps"))
+    if mode not in MODES:
+        raise ValueError(f"config.mode={mode!r} is not one of {MODES}")
+    if mode != "steps":
+        from halo_jax.benchmarks import fsdp, levers
+
+        if compare_torch:
+            raise ValueError(f"--compare_torch compares the step benchmark; it does not apply to config.mode={mode!r}")
+        runner, fmt = (levers.run_levers, levers.format_levers_table) if mode == "levers" else \
+            (fsdp.run_fsdp, fsdp.format_fsdp_table)
+        report = {"machine": machine(), "mode": mode, **runner(c, log)}
+        return _finish(report, fmt(report), out, log)
+    report = {"machine": machine(), "mode": mode, **bench_jax(c, log)}
     if compare_torch:
         threads = int(c.torch_threads) if c.torch_threads > 0 else os.cpu_count()
         report["torch"] = torch_in_subprocess(c, threads, log)
         report["ratio_ours_over_torch"] = {k: report["results"][k]["time_s"] / v["time_s"]
                                            for k, v in report["torch"]["results"].items() if k in report["results"]}
-    log(format_table(report))
+    return _finish(report, format_table(report), out, log)
+
+
+def _finish(report: dict, table: str, out: str | None, log: Callable[[str], None]) -> dict:
+    log(table)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
