@@ -236,6 +236,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
         "base": "base",               # the model the others are compared with (win rates)
         # prompts, as generate: a tuple, a file (.txt / .jsonl), or a moving-shapes split (first num_prompts)
         "prompts": (), "prompts_file": "", "shapes_split": "heldout", "num_prompts": 8,
+        "prompt_selection": "first",  # "first" num_prompts, or "spread": evenly spaced over the list
         "samples_per_prompt": 4,      # seeds per prompt, the same for every model
         "seed": -1,                   # base of the per-video seeds (as generate.seed); -1: config.seed
         "batch_size": 8,              # videos per sampling call (per process)

@@ -246,3 +246,16 @@ def test_reward_model_judge_records(tmp_path):
                 "judges": verdicts[i]} for m in ("base", "x") for i, p in enumerate(PROMPTS)]
     m = compute_metrics(records, ["base", "x"], "base", threshold=3.0, resamples=20)
     assert m["judges"]["reward_model"]["models"]["x"]["win_rate"]["overall"]["mean"] == 0.5
+
+
+def test_prompt_selection_first_or_spread():
+    from halo_jax.data import shapes
+
+    section = evaluate_config()
+    section.num_prompts = 4
+    assert evaluate_stage.select_prompts(section) == list(shapes.heldout_prompts()[:4])
+    section.prompt_selection = "spread"
+    held = shapes.heldout_prompts()
+    assert evaluate_stage.select_prompts(section) == [held[0], held[35], held[69], held[104]] and len(held) == 105
+    section.update(prompts=("a", "b", "c"), num_prompts=2)
+    assert evaluate_stage.select_prompts(section) == ["a", "c"]

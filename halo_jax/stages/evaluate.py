@@ -19,6 +19,9 @@ architecture share one compiled sampler (only the weights change). Multi-host: e
 generates its share of the units on its own devices; process 0 merges, computes the metrics
 and writes the report.
 
+Prompts: `evaluate.prompts` / `prompts_file` / `shapes_split` (default "heldout"), the first
+`num_prompts`, or with `prompt_selection = "spread"` that many evenly spaced over the list.
+
 Default models (empty `evaluate.models`): "base" = `config.model.path` or WORKDIR/base_ckpt,
 plus WORKDIR/dpo_ckpt when a train_dpo stage exported it, named "diffusion_dpo" when its
 `halo_dpo.json` records `loss.patch_weight == 0`, else "gran_dpo". A path may contain
@@ -88,6 +91,22 @@ def aligned_name(folder: Path) -> str:
         return "aligned"
 
 
+def select_prompts(section) -> list[str]:
+    """The prompts, as `generate.resolve_prompts`; with `prompt_selection = "spread"`, `num_prompts` of them evenly
+    spaced over the whole list (held-out shapes prompts are ordered by colour and shape: the first N are alike)."""
+    if section.prompt_selection not in ("first", "spread"):
+        raise ConfigError(f"evaluate.prompt_selection must be 'first' or 'spread', got {section.prompt_selection!r}")
+    n = int(section.num_prompts)
+    if section.prompt_selection == "first" or n <= 0:
+        return list(resolve_prompts(section))
+    everything = section.copy_and_resolve_references()
+    everything.num_prompts = 0
+    prompts = resolve_prompts(everything)
+    if n >= len(prompts):
+        return list(prompts)
+    return [prompts[i] for i in np.round(np.linspace(0, len(prompts) - 1, n)).astype(int)]
+
+
 def judge_names(section, prompts: list[str]) -> list[str]:
     """The judges to run: the oracle (teacher "oracle", or "auto" with only shapes-world prompts), the reward model."""
     if section.teacher not in ("auto", "oracle", "none"):
@@ -148,21 +167,25 @@ class Judges:
             self.oracle = OracleTeacher(aspects=tuple(config.aspects), grid=tuple(config.grid))
             self.ids[ORACLE] = {"version": ORACLE_VERSION, "aspects": list(config.aspects), "grid": list(config.grid)}
         if REWARD in names:
-            from halo_jax.reward.model_io import load_reward_model
-            from halo_jax.reward.scorer import Scorer
-
             path = Path(config.evaluate.reward_model)
             if not (path / "config.json").exists():
                 raise ConfigError(f"evaluate.reward_model {path} is not a reward-model export (no config.json); "
                                   "pass the reward_ckpt/ folder train_reward wrote, or '' to skip")
-            local = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
-            loaded = load_reward_model(path, local, config.sharding.rules)
-            self.clip = loaded.info.get("info", {}).get("clip")
-            self.scorer = Scorer(loaded.model, loaded.tokenizer, loaded.text_max_length, batch_size, mesh=local,
-                                 rules=config.sharding.rules)
-            cfg = loaded.model.config
-            self.reward_aspects, self.reward_grid = list(cfg.aspects), list(cfg.grid)
+            self.reward_path, self.rules, self.batch_size = path, config.sharding.rules, batch_size
+            self.scorer = None  # loaded on first use: a resumed run with nothing to judge never loads it
             self.ids[REWARD] = {"path": str(path.resolve())}
+
+    def _load_reward(self) -> None:
+        from halo_jax.reward.model_io import load_reward_model
+        from halo_jax.reward.scorer import Scorer
+
+        local = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
+        loaded = load_reward_model(self.reward_path, local, self.rules)
+        self.clip = loaded.info.get("info", {}).get("clip")
+        self.scorer = Scorer(loaded.model, loaded.tokenizer, loaded.text_max_length, self.batch_size, mesh=local,
+                             rules=self.rules)
+        cfg = loaded.model.config
+        self.reward_aspects, self.reward_grid = list(cfg.aspects), list(cfg.grid)
 
     def judge(self, frames: np.ndarray, prompts: list[str]) -> list[dict]:
         out = [{} for _ in prompts]
@@ -174,6 +197,8 @@ class Judges:
         if REWARD in self.names:
             from halo_jax.reward.data import fit_clip
 
+            if self.scorer is None:
+                self._load_reward()
             clips = [fit_clip(f, self.clip) if self.clip else f for f in frames]
             res = self.scorer.score(clips, prompts)
             for o, v, pt in zip(out, res["video"], res["patch"]):
@@ -223,7 +248,7 @@ def run(config, workdir: str) -> Path:
                           "model, video and sampler sections (generate_config(config))")
     e = config.evaluate
     out = Path(workdir) / "evaluate"
-    prompts = resolve_prompts(e)
+    prompts = select_prompts(e)
     models = resolve_models(config, workdir)
     names = judge_names(e, prompts)
     seed = int(config.seed) if int(e.seed) < 0 else int(e.seed)
