@@ -347,7 +347,7 @@ def bench_jax(c: ConfigDict, log: Callable[[str], None] = print) -> dict:
         log(f"  {kind}: {results[kind]['time_s'] * 1e3:.1f} ms (compile {compile_s:.1f} s)")
         del compiled, holder
 
-    if True:  # every step carries explicit shardings; no ambient mesh needed
+    with jax.set_mesh(mesh):  # explicit shardings everywhere; the context mesh is for shard_map kernels (splash)
         if "sft" in kinds:
             tx = _tx(c)
             graphdef, params, frozen = split_model(model)

@@ -41,14 +41,36 @@ def _abstract_batch(batch_np: dict, sharding) -> dict:
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch_np.items()}
 
 
-def step_memory(c: ConfigDict, kind: str, size: int, log: Callable[[str], None] = print) -> dict:
-    """Compiled memory (per device) of step `kind` on a data=1, fsdp=`size`, tensor=1 mesh."""
+def _compile(c: ConfigDict, kind: str, mesh, model, tx, sft_np: dict, dpo_np: dict) -> tuple:
+    """(compiled step program of `kind`, parameter count) from abstract state and batch."""
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from halo_jax.bench import _batches, _tx, build_model, latent_shape, model_config
     from halo_jax.train.objectives import denoising_loss
     from halo_jax.train.state import init_train_state, make_train_step, pure, split_model, train_state_shardings
+
+    if kind == "sft":
+        graphdef, params, frozen = split_model(model)
+        shardings = train_state_shardings(params, tx, mesh)
+        bsh = NamedSharding(mesh, P(BATCH_AXES))
+        loss = lambda m, batch, key: denoising_loss(m, batch, key, diffusion=FlowMatching())  # noqa: E731
+        step = make_train_step(graphdef, frozen, loss, tx, shardings, bsh)
+        shapes = jax.eval_shape(lambda p: init_train_state(p, tx, 0), pure(params))
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+        return step.lower(state, _abstract_batch(sft_np, bsh)).compile(), sum(int(x.size) for x in jax.tree.leaves(params))
+    mode = "lora" if kind == "dpo_lora" else "full"
+    if mode == "lora":
+        lora_lib.apply_lora(model, lora_lib.LoRAConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha)), key=0)
+    loss_cfg = GranDPOConfig(beta=float(c.dpo.beta), patch_weight=float(c.dpo.patch_weight), grid=tuple(c.dpo.grid))
+    dpo = make_dpo_step(model, FlowMatching(), loss_cfg, tx, mesh, mode=mode)
+    batch = _abstract_batch(dpo._check_batch(dpo_np), dpo.batch_sharding)
+    compiled = dpo.jitted.lower(abstract_state(dpo), batch, dpo.frozen, dpo.reference).compile()
+    return compiled, sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def step_memory(c: ConfigDict, kind: str, size: int, log: Callable[[str], None] = print) -> dict:
+    """Compiled memory (per device) of step `kind` on a data=1, fsdp=`size`, tensor=1 mesh."""
+    from halo_jax.bench import _batches, _tx, build_model, latent_shape, model_config
 
     if kind not in FSDP_KINDS:
         raise ValueError(f"config.fsdp.kinds has unknown step kind {kind!r}; choose from {FSDP_KINDS}")
@@ -60,27 +82,9 @@ def step_memory(c: ConfigDict, kind: str, size: int, log: Callable[[str], None] 
     mesh = make_mesh({"data": 1, "fsdp": size, "tensor": 1}, devices=jax.devices()[:size])
     sft_np, dpo_np = _batches(c, cfg, shape)
     model = build_model(cfg, mesh)
-    tx = _tx(c)
     t0 = time.perf_counter()
-    if kind == "sft":
-        graphdef, params, frozen = split_model(model)
-        shardings = train_state_shardings(params, tx, mesh)
-        bsh = NamedSharding(mesh, P(BATCH_AXES))
-        loss = lambda m, batch, key: denoising_loss(m, batch, key, diffusion=FlowMatching())  # noqa: E731
-        step = make_train_step(graphdef, frozen, loss, tx, shardings, bsh)
-        shapes = jax.eval_shape(lambda p: init_train_state(p, tx, 0), pure(params))
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-        compiled = step.lower(state, _abstract_batch(sft_np, bsh)).compile()
-        n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    else:
-        mode = "lora" if kind == "dpo_lora" else "full"
-        if mode == "lora":
-            lora_lib.apply_lora(model, lora_lib.LoRAConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha)), key=0)
-        loss_cfg = GranDPOConfig(beta=float(c.dpo.beta), patch_weight=float(c.dpo.patch_weight), grid=tuple(c.dpo.grid))
-        dpo = make_dpo_step(model, FlowMatching(), loss_cfg, tx, mesh, mode=mode)
-        batch = _abstract_batch(dpo._check_batch(dpo_np), dpo.batch_sharding)
-        compiled = dpo.jitted.lower(abstract_state(dpo), batch, dpo.frozen, dpo.reference).compile()
-        n_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    with jax.set_mesh(mesh):
+        compiled, n_params = _compile(c, kind, mesh, model, _tx(c), sft_np, dpo_np)
     row = {"kind": kind, "fsdp": size, "params": n_params, "memory": compiled_memory(compiled),
            "compile_s": time.perf_counter() - t0}
     log(f"  {kind} fsdp={size}: argument {row['memory']['argument_bytes'] / 1e6:.2f} MB per device")
@@ -88,7 +92,7 @@ def step_memory(c: ConfigDict, kind: str, size: int, log: Callable[[str], None] 
 
 
 def run_fsdp(c: ConfigDict, log: Callable[[str], None] = print) -> dict:
-    """Every (kind, size) of `c.fsdp`; each row gains `argument_vs_fsdp1` (its argument bytes / fsdp=1's)."""
+    """Every (kind, size) of `c.fsdp`; each row gains `argument_vs_first` (its argument bytes / the first size's)."""
     sizes: Sequence[int] = tuple(int(s) for s in c.fsdp.sizes)
     kinds = [k.strip() for k in str(c.fsdp.kinds).split(",") if k.strip()]
     b = int(c.batch)

@@ -119,9 +119,12 @@ def measure_lever(c: ConfigDict, lever: Lever, mesh: jax.sharding.Mesh, dpo_np: 
     steps, warmup = int(c.levers.steps), int(c.levers.warmup)
     state = dpo.init_state(0) if steps > 0 else abstract_state(dpo)
     t0 = time.perf_counter()
-    compiled = dpo.jitted.lower(state, batch, dpo.frozen, dpo.reference).compile()
-    compile_s = time.perf_counter() - t0
-    time_s = _timed(compiled, (state, batch, dpo.frozen, dpo.reference), steps, warmup)
+    # The context mesh lets shard_map kernels (splash attention) split per device. Models are built
+    # outside it: nnx.eval_shape under a mesh would read the logical names as mesh axes.
+    with jax.set_mesh(mesh):
+        compiled = dpo.jitted.lower(state, batch, dpo.frozen, dpo.reference).compile()
+        compile_s = time.perf_counter() - t0
+        time_s = _timed(compiled, (state, batch, dpo.frozen, dpo.reference), steps, warmup)
     trainable = sum(int(x.size) for x in jax.tree.leaves(dpo.params))
     row = {"lever": lever.name, "description": lever.description, "model_options": {**BASE_OPTIONS, **lever.model},
            "mode": lever.mode, "grad_accum": k, "trainable_params": trainable,
@@ -160,11 +163,12 @@ def measure_text_encoder(c: ConfigDict, mesh: jax.sharding.Mesh, prompts: int,
     mask = jnp.ones(ids.shape, jnp.int32)
     fn = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))
     t0 = time.perf_counter()
-    compiled = fn.lower(state, ids, mask).compile()
-    compile_s = time.perf_counter() - t0
     steps = int(c.levers.steps)
-    time_s = float(np.median(time_steps(lambda: compiled(state, ids, mask), steps, int(c.levers.warmup)))) \
-        if steps > 0 else None
+    with jax.set_mesh(mesh):
+        compiled = fn.lower(state, ids, mask).compile()
+        compile_s = time.perf_counter() - t0
+        time_s = float(np.median(time_steps(lambda: compiled(state, ids, mask), steps, int(c.levers.warmup)))) \
+            if steps > 0 else None
     n, nbytes = _param_bytes(lambda: UMT5Encoder(ucfg, rngs=nnx.Rngs(0)))
     row = {"lever": "text_encoder_in_step", "description": f"umT5 forward on {prompts} prompts (saved by precomputing)",
            "model_options": {k: (jnp.dtype(v).name if k.endswith("dtype") else v)

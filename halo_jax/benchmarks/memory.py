@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
 
 def compiled_memory(compiled: Any) -> dict[str, int]:
     """{"argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "total_bytes"} of a compiled program
@@ -27,8 +25,3 @@ def compiled_memory(compiled: Any) -> dict[str, int]:
 
 def total_bytes(m: dict[str, int]) -> int:
     return m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"]
-
-
-def abstract(tree: Any) -> Any:
-    """`jax.ShapeDtypeStruct`s (with shardings) of a tree of arrays: lowering needs no buffers."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
