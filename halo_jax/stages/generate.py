@@ -3,7 +3,7 @@
 For prompt p and sample k the seed is `fold(config.generate.seed, p, k)`, so every video can be
 regenerated alone. Each process generates its share of (prompt, sample) items on its own
 devices; items already in the store are skipped, so a killed run resumes where it stopped.
-Writes latents + uint8 frames per record (`data/stores.py`, `RolloutRecord`), an mp4
+Writes latents + uint8 frames per record (`data/stores/`, `RolloutRecord`), an mp4
 preview per video, and `rollouts/prompts.json` (process 0).
 """
 

@@ -2,7 +2,7 @@
 
 Each process scores its share of the rollout records (round robin) on its own devices,
 batched and jitted (`halo_jax.reward.scorer.Scorer`: one compile for the whole store), and
-appends to `scores/` (`data/stores.py`); ids already stored are skipped, so a killed run
+appends to `scores/` (`data/stores/`); ids already stored are skipped, so a killed run
 resumes where it stopped. Schema (one record per rollout, id `video_id`):
 
     video_id (str), prompt (str), prompt_index, sample_index, seed (int),

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
@@ -39,21 +38,12 @@ from halo_jax.models.wan.transformer_params import export_transformer, load_tran
 from halo_jax.parallel import distributed, mesh as mesh_lib
 from halo_jax.stages.generate import model_path
 from halo_jax.stages.pairs import STORE_NAME, check_pair_shapes, loss_config
+from halo_jax.train.optim import make_optimizer
 from halo_jax.train.checkpoint import Checkpointer
 from halo_jax.train.loop import train_loop
 from halo_jax.train.metrics import MetricsWriter
 
 BATCH_KEYS = ("latents_w", "latents_l", "text_embeds", "s", "a", "video_reward_gap", "patch_reward_gap")
-
-
-def optimizer(section) -> optax.GradientTransformation:
-    """AdamW with linear warmup, cosine decay to 10% over `steps`, and global-norm clipping."""
-    steps = int(section.steps)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, section.learning_rate, section.warmup_steps,
-                                                  max(steps, section.warmup_steps + 1),
-                                                  end_value=0.1 * section.learning_rate)
-    return optax.chain(optax.clip_by_global_norm(section.grad_clip),
-                       optax.adamw(schedule, weight_decay=section.weight_decay))
 
 
 def check_pair_store(store: Path, config) -> StoreReader:
@@ -132,7 +122,7 @@ def run(config, workdir: str) -> Path:
         model = apply_lora(model, LoRAConfig.from_config(cfg.lora), key=config.seed)
     diffusion = FlowMatching(num_train_timesteps=int(cfg.loss.num_train_timesteps), shift=float(cfg.diffusion.shift),
                              timestep_sampling=cfg.diffusion.timestep_sampling)
-    step = make_dpo_step(model, diffusion, loss_config(config), optimizer(cfg), mesh, mode=cfg.mode,
+    step = make_dpo_step(model, diffusion, loss_config(config), make_optimizer(cfg), mesh, mode=cfg.mode,
                          grad_accum=int(cfg.grad_accum), rules=rules)
     data = make_iterator(reader, batch_size=_local_batch(int(cfg.batch_size), step), seed=config.seed,
                          num_epochs=None, transform=_batch_of)

@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 
 import jax
-import optax
 from absl import logging
 from flax import nnx
 
@@ -45,6 +44,7 @@ from halo_jax.reward.model_io import (
     tokenize,
 )
 from halo_jax.reward.scorer import Scorer
+from halo_jax.train.optim import make_optimizer
 from halo_jax.train import state as state_lib
 from halo_jax.train.checkpoint import Checkpointer
 from halo_jax.train.loop import train_loop
@@ -56,15 +56,6 @@ BATCH_NDIMS = {"frames": 5, "input_ids": 2, "text_mask": 2, "video_scores": 2, "
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _optimizer(section) -> optax.GradientTransformation:
-    horizon = section.schedule_steps or section.steps
-    schedule = optax.warmup_cosine_decay_schedule(0.0, section.learning_rate, section.warmup_steps,
-                                                  max(horizon, section.warmup_steps + 1),
-                                                  end_value=0.1 * section.learning_rate)
-    return optax.chain(optax.clip_by_global_norm(section.grad_clip),
-                       optax.adamw(schedule, weight_decay=section.weight_decay))
 
 
 def phase_filter(cfg, phase: int):
@@ -205,7 +196,7 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
                           f"{shards} batch shards of the mesh (data x fsdp)")
     weights = LossWeights.from_mapping(dict(r.losses))
     graphdef, params, frozen = state_lib.split_model(model, phase_filter(model.config, phase))
-    tx = _optimizer(section)
+    tx = make_optimizer(section)
     shardings = state_lib.train_state_shardings(params, tx, mesh, config.sharding.rules)
     batch_shardings = {k: batch_sharding(mesh, nd) for k, nd in BATCH_NDIMS.items()}
     step_fn = state_lib.make_train_step(graphdef, frozen, make_loss_fn(weights, phase), tx, shardings,
