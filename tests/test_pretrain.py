@@ -24,7 +24,7 @@ def tiny_config():
     p.text.model.update(d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
                         relative_attention_num_buckets=8, relative_attention_max_distance=16)
     p.vae.model.update(base_dim=4, z_dim=4)
-    p.vae.curriculum = ((5, 2, 2),)
+    p.vae.curriculum = ((5, 2, 2, 0.0), (5, 1, 2, 10.0))
     p.vae.num_seeds = 2
     p.latents.update(stats_videos=4, num_seeds=1, batch_size=4, chunk_size=2)
     p.dit.model.update(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, freq_dim=16, num_layers=1)
@@ -61,4 +61,19 @@ def test_pretrain_phases_resume_and_export(tmp_path, monkeypatch):
     assert pipe.max_text_length == 16
     gen = Generator(pipe, frames=5, height=16, width=16, num_steps=2, guidance_scale=3.0)
     latents, frames = gen.generate(["a red circle moving right on a black background"], [0])
-    assert latents.shape == (1, 4, 2, 2, 2) and frames.shape == (1, 5, 16, 16, 3) and frames.dtype == np.uint8
+    assert latents.shape == (1, 4, 2, 4, 4) and frames.shape == (1, 5, 16, 16, 3) and frames.dtype == np.uint8
+
+
+def test_foreground_weights_mark_pixels_off_the_clip_median_colour():
+    from halo_jax.train.objectives import foreground_weights
+
+    video = np.full((2, 3, 3, 8, 8), -1.0, np.float32)   # two black clips
+    video[0, :, 1, 2:4, 5:7] = 1.0                        # a white 2x2 object in frame 1 of clip 0
+    video[1] = 1.0                                        # clip 1 is white with a red pixel
+    video[1, 1:, 0, 0, 0] = -1.0
+    w = np.asarray(foreground_weights(video, 10.0))
+    assert w.shape == (2, 1, 3, 8, 8)
+    expected = np.ones_like(w)
+    expected[0, 0, 1, 2:4, 5:7] = 11.0
+    expected[1, 0, 0, 0, 0] = 11.0
+    np.testing.assert_array_equal(w, expected)

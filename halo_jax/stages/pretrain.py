@@ -5,7 +5,7 @@ Phases, in order; each is resumable and leaves `pretrain/<phase>/done.json` when
     text     the world's word tokenizer and a randomly initialised umT5, kept frozen (the DiT
              learns to read its features; the vocabulary is closed, so nothing is lost)
     vae      the Wan VAE trained on rendered videos (train/objectives.vae_loss), over a curriculum of
-             clip lengths: short clips are cheap, longer ones teach the causal convs their history
+             (clip length, steps, batch, foreground weight) stages, each warm-started from the last
     latents  per-channel mean/std of the VAE's posterior means (the checkpoint's
              latents_mean/std) and a store of normalised latents of rendered training videos
     dit      the Wan DiT trained by flow matching on those latents, with the text embedding of
@@ -26,7 +26,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
@@ -49,6 +48,7 @@ from halo_jax.train import state as state_lib
 from halo_jax.train.checkpoint import Checkpointer
 from halo_jax.train.loop import train_loop
 from halo_jax.train.metrics import MetricsWriter, Progress
+from halo_jax.train.optim import make_optimizer
 from halo_jax.train.objectives import denoising_loss, vae_loss
 
 PHASES = ("text", "vae", "latents", "dit", "export")
@@ -82,15 +82,6 @@ class RenderedVideos:
         return {"video": video, "prompt_index": np.int32(p), "seed": np.int32(s)}
 
 
-def _optimizer(section, steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup, cosine decay to 10%, and global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, section.learning_rate, section.warmup_steps,
-                                                  max(steps, section.warmup_steps + 1),
-                                                  end_value=0.1 * section.learning_rate)
-    return optax.chain(optax.clip_by_global_norm(section.grad_clip),
-                       optax.adamw(schedule, weight_decay=section.weight_decay))
-
-
 def _done(folder: Path) -> bool:
     return (folder / "done.json").exists()
 
@@ -109,7 +100,7 @@ def _train(model: nnx.Module, loss_fn, data, batch_shardings, section, steps: in
     """Run the shared loop on `model` (params trained in place); resumes from `folder/ckpt`."""
     mesh = mesh_lib.make_mesh(config.mesh)
     graphdef, params, frozen = state_lib.split_model(model)
-    tx = _optimizer(section, steps)
+    tx = make_optimizer(section, steps)
     shardings = state_lib.train_state_shardings(params, tx, mesh, config.sharding.rules)
     step_fn = state_lib.make_train_step(graphdef, frozen, loss_fn, tx, shardings, batch_shardings)
     ckpt = Checkpointer(folder / "ckpt", keep=config.checkpoint.keep, every_steps=config.checkpoint.every_steps)
@@ -162,10 +153,14 @@ def run(config, workdir: str) -> Path:
 
     # -- vae: a curriculum of clip lengths, each stage warm-started from the previous one
     vae_dir = out / "vae"
+    for entry in cfg.vae.curriculum:
+        if len(entry) != 4:
+            raise ConfigError(f"pretrain.vae.curriculum entry {tuple(entry)} must be (clip frames, steps, batch size, "
+                              "foreground weight), e.g. (9, 300, 6, 0.0)")
     if not _done(vae_dir):
         vae = None
-        for clip, steps, batch in cfg.vae.curriculum:
-            sub = vae_dir / f"clip{clip}"
+        for k, (clip, steps, batch, foreground_weight) in enumerate(cfg.vae.curriculum):
+            sub = vae_dir / f"stage{k}_clip{clip}"
             if _done(sub):
                 vae = load_vae(sub / "model", mesh=mesh)
                 continue
@@ -174,13 +169,16 @@ def run(config, workdir: str) -> Path:
                                     latents_std=(1.0,) * cfg.vae.model.z_dim)
                 vae = create_sharded(lambda: WanVAE(vcfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
             source = RenderedVideos(prompts, cfg.vae.num_seeds, frames, height, width, clip_frames=clip)
-            data = make_iterator(source, batch_size=_local_batch(batch, mesh), seed=config.seed + clip,
+            data = make_iterator(source, batch_size=_local_batch(batch, mesh), seed=config.seed + 100 * k + clip,
                                  num_epochs=None, transform=lambda r: {"video": r["video"]})
-            vae = _train(vae, functools.partial(vae_loss, kl_weight=cfg.vae.kl_weight), data,
-                         {"video": batch_sharding(mesh, 5)}, cfg.vae, steps, sub, config, f"pretrain/vae/clip{clip}")
+            loss = functools.partial(vae_loss, kl_weight=cfg.vae.kl_weight, foreground_weight=foreground_weight,
+                                     posterior_noise=cfg.vae.posterior_noise)
+            vae = _train(vae, loss, data, {"video": batch_sharding(mesh, 5)}, cfg.vae, steps, sub, config,
+                         f"pretrain/vae/{sub.name}")
             if distributed.is_main_process():
                 export_vae(vae, sub / "model")
-            _mark_done(sub, {"clip_frames": clip, "steps": steps, "batch_size": batch})
+            _mark_done(sub, {"clip_frames": clip, "steps": steps, "batch_size": batch,
+                             "foreground_weight": foreground_weight})
         if distributed.is_main_process():
             export_vae(vae, vae_dir / "model")
         _mark_done(vae_dir, {"curriculum": [list(c) for c in cfg.vae.curriculum]})
