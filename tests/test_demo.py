@@ -24,11 +24,11 @@ def reduced_demo_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    config.sampler.num_steps = 8
+    config.sampler.num_steps = 4
     config.generate.update(num_prompts=4, samples_per_prompt=3, batch_size=12)
     config.reward.synthetic_videos = 24
-    config.reward.phase1.update(steps=6, batch_size=8, warmup_steps=2)
-    config.reward.phase2.update(steps=6, batch_size=8, warmup_steps=2)
+    config.reward.phase1.update(steps=4, batch_size=8, warmup_steps=1)
+    config.reward.phase2.update(steps=4, batch_size=8, warmup_steps=1)
     config.reward.eval_batch_size = 8
     config.pairs.margin_video = 0.0
     config.dpo.update(steps=3, batch_size=8, warmup_steps=1)  # 8: the test mesh has 8 batch devices

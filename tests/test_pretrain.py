@@ -24,7 +24,7 @@ def tiny_config():
     p.text.model.update(d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
                         relative_attention_num_buckets=8, relative_attention_max_distance=16)
     p.vae.model.update(base_dim=4, z_dim=4)
-    p.vae.curriculum = ((5, 2, 2, 0.0), (5, 1, 2, 10.0))
+    p.vae.curriculum = ((5, 2, 2, 10.0),)  # one stage: each stage compiles its own step
     p.vae.num_seeds = 2
     p.latents.update(stats_videos=4, num_seeds=1, batch_size=4, chunk_size=2)
     p.dit.model.update(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, freq_dim=16, num_layers=1)
