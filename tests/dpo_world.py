@@ -48,22 +48,29 @@ def random_module(ctor, seed: int):
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
-def make_base(folder: Path) -> Path:
-    tok_dir = folder.parent / (folder.name + "_tokenizer")
-    build_word_tokenizer(PROMPTS, tok_dir, model_max_length=8)
+def tiny_pipeline(prompts, tok_dir: Path, dit_seed: int = 1) -> WanPipeline:
+    """A tiny random Wan pipeline (NumPy-filled modules, no initialiser compiles) whose tokenizer knows `prompts`."""
+    build_word_tokenizer(prompts, tok_dir, model_max_length=8)
     tok = load_tokenizer(tok_dir)
     tcfg = UMT5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
                       relative_attention_num_buckets=8, relative_attention_max_distance=16)
     vcfg = WanVAEConfig(base_dim=4, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
                         latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
-    dcfg = WanTransformerConfig(patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=8, ffn_dim=16,
-                                freq_dim=16, num_layers=1, in_channels=4, out_channels=4, text_dim=16)
-    pipe = WanPipeline(transformer=random_module(lambda: WanTransformer3D(dcfg, rngs=nnx.Rngs(0)), 1),
-                       vae=random_module(lambda: WanVAE(vcfg, rngs=nnx.Rngs(0)), 2),
+    return WanPipeline(transformer=tiny_dit(dit_seed), vae=random_module(lambda: WanVAE(vcfg, rngs=nnx.Rngs(0)), 2),
                        text_encoder=random_module(lambda: UMT5Encoder(tcfg, rngs=nnx.Rngs(0)), 3),
                        tokenizer=tok, max_text_length=8,
                        scheduler_config=SamplerConfig(name="unipc", shift=3.0).to_diffusers_config())
-    return save_pipeline(pipe, folder)
+
+
+def tiny_dit(seed: int) -> WanTransformer3D:
+    """The DiT of `tiny_pipeline`, filled from `seed`."""
+    dcfg = WanTransformerConfig(patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=8, ffn_dim=16,
+                                freq_dim=16, num_layers=1, in_channels=4, out_channels=4, text_dim=16)
+    return random_module(lambda: WanTransformer3D(dcfg, rngs=nnx.Rngs(0)), seed)
+
+
+def make_base(folder: Path) -> Path:
+    return save_pipeline(tiny_pipeline(PROMPTS, folder.parent / (folder.name + "_tokenizer")), folder)
 
 
 def patch_scores(p: int, k: int) -> np.ndarray:
