@@ -9,8 +9,8 @@ Sized for a 2-core CPU; every stage resumes, so re-running the command finishes 
 """
 
 from halo_jax.assets import SHAPES_WAN
-from halo_jax.config import (base_config, dpo_config, evaluate_config, generate_config, label_config, pairs_config,
-                             reward_config, score_config)
+from halo_jax.config import (base_config, evaluate_config, generate_config, label_config, reward_config, score_config,
+                             shapes_dpo_config)
 
 STAGES = ("generate", "label", "train_reward", "score", "pairs", "train_dpo", "evaluate")
 
@@ -35,13 +35,9 @@ def get_config():
     r.eval_batch_size = 16
     config.score = score_config()
     config.score.batch_size = 16
-    config.pairs = pairs_config()
-    config.pairs.update(strategy="all", max_pairs_per_prompt=2, margin_video=0.1, margin_patch=0.25)
-    config.dpo = dpo_config()
-    config.dpo.lora.update(rank=8, alpha=8.0)
-    config.dpo.loss.update(beta=500.0, patch_weight=1.0)
-    config.dpo.diffusion.update(shift=1.0, timestep_sampling="logit_normal")  # as the model was pretrained
-    config.dpo.update(steps=100, batch_size=8, learning_rate=2e-4, warmup_steps=10)
+    shapes_dpo_config(config)  # pairs + dpo as configs/shapes_dpo.py, shorter and faster:
+    config.pairs.margin_video = 0.1
+    config.dpo.update(steps=100, learning_rate=2e-4)
     config.evaluate = evaluate_config()
     config.evaluate.update(num_prompts=8, prompt_selection="spread", samples_per_prompt=2, batch_size=16,
                            report_prompts=4)

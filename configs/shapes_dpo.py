@@ -12,7 +12,7 @@ with the labels and the reward model. LoRA rank 8 on attention + FFN, AdamW lr 1
 warmup steps, clipping at 1.0, batch 8 pairs, 200 steps: sized for a CPU in minutes.
 """
 
-from halo_jax.config import base_config, dpo_config, generate_config, pairs_config
+from halo_jax.config import base_config, generate_config, shapes_dpo_config
 
 
 def get_config():
@@ -20,13 +20,7 @@ def get_config():
     generate_config(config)  # model.path ("" = WORKDIR/base_ckpt), video, sampler for the aligned model
     config.stage = "pipeline"
     config.pipeline.stages = ("pairs", "train_dpo")
-    config.pairs = pairs_config()
-    config.pairs.update(strategy="all", max_pairs_per_prompt=2, margin_video=0.25, margin_patch=0.25)
-    config.dpo = dpo_config()
-    config.dpo.lora.update(rank=8, alpha=8.0)
-    config.dpo.loss.update(beta=500.0, patch_weight=1.0)
-    config.dpo.diffusion.update(shift=1.0, timestep_sampling="logit_normal")  # as the model was pretrained
-    config.dpo.update(steps=200, batch_size=8, learning_rate=1e-4, warmup_steps=10)
+    shapes_dpo_config(config)  # pairs + dpo: the settings in the docstring above
     config.checkpoint.every_steps = 50
     config.log.every_steps = 10
     return config

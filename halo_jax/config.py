@@ -7,13 +7,48 @@ overridden on the command line: `--config.mesh.fsdp=4`.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
 import ml_collections
 
 from halo_jax.parallel.logical_axes import DEFAULT_RULES
 
+T = TypeVar("T")
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the field and the fix (CLI: one line, exit 2)."""
+
+
+def field_names(cls: type) -> frozenset[str]:
+    """The field names of dataclass `cls`."""
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def check_fields(cls: type, keys: Iterable[str], where: str = "") -> None:
+    """Raise ConfigError if any of `keys` is not a field of dataclass `cls`; the message names the
+    unknown keys, `where` they came from (e.g. "config.model.fields") and the valid fields."""
+    names = field_names(cls)
+    unknown = sorted(set(keys) - names)
+    if unknown:
+        place = f" in {where}" if where else ""
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}{place}; known: {sorted(names)}")
+
+
+def dataclass_from_dict(cls: type[T], values: Mapping[str, Any], where: str = "", *,
+                        unknown: str = "error") -> T:
+    """`cls(**values)` for dataclass `cls`; keys that are not fields raise ConfigError (`unknown="error"`,
+    see `check_fields`) or are dropped (`unknown="ignore"`: e.g. the extra keys of a transformers config.json)."""
+    if unknown == "ignore":
+        names = field_names(cls)
+        values = {k: v for k, v in values.items() if k in names}
+    elif unknown == "error":
+        check_fields(cls, values, where)
+    else:
+        raise ValueError(f"unknown={unknown!r}: use 'error' or 'ignore'")
+    return cls(**values)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -110,8 +145,6 @@ def label_config() -> ml_collections.ConfigDict:
     `openai` mirrors `teachers.openai_vlm.OpenAIVLMConfig` (aspects and grid come from the
     top-level `config.aspects` / `config.grid`).
     """
-    import dataclasses
-
     from halo_jax.teachers.openai_vlm import OpenAIVLMConfig
 
     openai = {f.name: getattr(OpenAIVLMConfig(), f.name) for f in dataclasses.fields(OpenAIVLMConfig)
@@ -223,6 +256,21 @@ def dpo_config() -> ml_collections.ConfigDict:
         "max_skipped": 10,            # stop after this many non-finite steps (0: never)
         "on_corrupt": "skip",         # a corrupt pair record: skip (reported) or fail
     })
+
+
+def shapes_dpo_config(config: ml_collections.ConfigDict) -> None:
+    """Add `config.pairs` and `config.dpo` with the moving-shapes world's Gran-DPO settings
+    (configs/shapes_dpo.py, configs/demo.py): every qualifying pair up to 2 per prompt, video and
+    patch margins 0.25; LoRA rank 8, alpha 8 on WAN_TARGETS; constant β = 500, λ = 1; flow matching
+    with logit-normal timesteps and shift 1 (as the tiny model was pretrained); AdamW lr 1e-4,
+    10 warmup steps, 8 pairs a step, 200 steps."""
+    config.pairs = pairs_config()
+    config.pairs.update(strategy="all", max_pairs_per_prompt=2, margin_video=0.25, margin_patch=0.25)
+    config.dpo = dpo_config()
+    config.dpo.lora.update(rank=8, alpha=8.0)
+    config.dpo.loss.update(beta=500.0, patch_weight=1.0)
+    config.dpo.diffusion.update(shift=1.0, timestep_sampling="logit_normal")
+    config.dpo.update(steps=200, batch_size=8, learning_rate=1e-4, warmup_steps=10)
 
 
 def evaluate_config() -> ml_collections.ConfigDict:
