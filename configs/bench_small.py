@@ -7,24 +7,20 @@
         python -m halo_jax.bench --config=configs/bench_small.py --config.mode=fsdp   # FSDP 1/2/4/8
 """
 
-import importlib.util
-import os
-
 from ml_collections import ConfigDict
 
-_spec = importlib.util.spec_from_file_location("bench_tiny", os.path.join(os.path.dirname(__file__), "bench_tiny.py"))
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
+from halo_jax.benchmarks.config import bench_config
 
 
 def get_config() -> ConfigDict:
-    c = _tiny.get_config()
-    c.model.fields.update(num_layers=4, num_attention_heads=2, attention_head_dim=128, ffn_dim=1024, text_dim=256,
-                          freq_dim=256, in_channels=16, out_channels=16)
-    c.video.update(frames=5, height=16, width=16)
-    c.text_len = 32
-    c.batch = 16             # 8 pairs: divides over 8 fsdp devices and into 4 accumulation micro-batches
-    c.steps = 9
+    c = bench_config(
+        "tiny",
+        {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 128, "ffn_dim": 1024, "text_dim": 256,
+         "in_channels": 16, "out_channels": 16, "freq_dim": 256, "dtype": "float32", "param_dtype": "float32",
+         "remat": "none", "scan_layers": False},
+        {"space": "latent", "frames": 5, "height": 16, "width": 16},
+        # batch 16 = 8 pairs: divides over 8 fsdp devices and into 4 accumulation micro-batches
+        batch=16, text_len=32, steps=9, warmup=2, lora_rank=4, lora_alpha=4.0, grid=(1, 2, 2))
     c.levers.grad_accum = 4
     # a 4-layer umT5 of the model's text width with umT5's real vocabulary (the embedding table dominates)
     c.levers.text_encoder = ConfigDict({"vocab_size": 256384, "d_model": 256, "d_kv": 64, "d_ff": 640,

@@ -23,16 +23,21 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from halo_jax.align.dpo_step import make_dpo_step
-from halo_jax.align.gran_dpo import GranDPOConfig
+from halo_jax.benchmarks.config import dpo_loss_config, latent_shape, lora_config, make_batches, model_config, optimizer
 from halo_jax.benchmarks.levers import abstract_state
 from halo_jax.benchmarks.memory import compiled_memory
+from halo_jax.benchmarks.model import build_model
+from halo_jax.benchmarks.steps import make_sft_step
 from halo_jax.diffusion import FlowMatching
 from halo_jax.models import lora as lora_lib
 from halo_jax.parallel.logical_axes import BATCH_AXES
 from halo_jax.parallel.mesh import make_mesh
+from halo_jax.train.state import init_train_state, pure
 
 FSDP_KINDS = ("sft", "dpo_full", "dpo_lora")
 
@@ -43,26 +48,16 @@ def _abstract_batch(batch_np: dict, sharding) -> dict:
 
 def _compile(c: ConfigDict, kind: str, mesh, model, tx, sft_np: dict, dpo_np: dict) -> tuple:
     """(compiled step program of `kind`, parameter count) from abstract state and batch."""
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from halo_jax.train.objectives import denoising_loss
-    from halo_jax.train.state import init_train_state, make_train_step, pure, split_model, train_state_shardings
-
     if kind == "sft":
-        graphdef, params, frozen = split_model(model)
-        shardings = train_state_shardings(params, tx, mesh)
+        step, params, shardings = make_sft_step(model, tx, mesh, FlowMatching())
         bsh = NamedSharding(mesh, P(BATCH_AXES))
-        loss = lambda m, batch, key: denoising_loss(m, batch, key, diffusion=FlowMatching())  # noqa: E731
-        step = make_train_step(graphdef, frozen, loss, tx, shardings, bsh)
         shapes = jax.eval_shape(lambda p: init_train_state(p, tx, 0), pure(params))
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
         return step.lower(state, _abstract_batch(sft_np, bsh)).compile(), sum(int(x.size) for x in jax.tree.leaves(params))
     mode = "lora" if kind == "dpo_lora" else "full"
     if mode == "lora":
-        lora_lib.apply_lora(model, lora_lib.LoRAConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha)), key=0)
-    loss_cfg = GranDPOConfig(beta=float(c.dpo.beta), patch_weight=float(c.dpo.patch_weight), grid=tuple(c.dpo.grid))
-    dpo = make_dpo_step(model, FlowMatching(), loss_cfg, tx, mesh, mode=mode)
+        lora_lib.apply_lora(model, lora_config(c), key=0)
+    dpo = make_dpo_step(model, FlowMatching(), dpo_loss_config(c), tx, mesh, mode=mode)
     batch = _abstract_batch(dpo._check_batch(dpo_np), dpo.batch_sharding)
     compiled = dpo.jitted.lower(abstract_state(dpo), batch, dpo.frozen, dpo.reference).compile()
     return compiled, sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -70,8 +65,6 @@ def _compile(c: ConfigDict, kind: str, mesh, model, tx, sft_np: dict, dpo_np: di
 
 def step_memory(c: ConfigDict, kind: str, size: int, log: Callable[[str], None] = print) -> dict:
     """Compiled memory (per device) of step `kind` on a data=1, fsdp=`size`, tensor=1 mesh."""
-    from halo_jax.bench import _batches, _tx, build_model, latent_shape, model_config
-
     if kind not in FSDP_KINDS:
         raise ValueError(f"config.fsdp.kinds has unknown step kind {kind!r}; choose from {FSDP_KINDS}")
     if size > jax.device_count():
@@ -80,11 +73,11 @@ def step_memory(c: ConfigDict, kind: str, size: int, log: Callable[[str], None] 
     cfg = model_config(c)
     shape = latent_shape(c, cfg)
     mesh = make_mesh({"data": 1, "fsdp": size, "tensor": 1}, devices=jax.devices()[:size])
-    sft_np, dpo_np = _batches(c, cfg, shape)
+    sft_np, dpo_np = make_batches(c, cfg, shape)
     model = build_model(cfg, mesh)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled, n_params = _compile(c, kind, mesh, model, _tx(c), sft_np, dpo_np)
+        compiled, n_params = _compile(c, kind, mesh, model, optimizer(c), sft_np, dpo_np)
     row = {"kind": kind, "fsdp": size, "params": n_params, "memory": compiled_memory(compiled),
            "compile_s": time.perf_counter() - t0}
     log(f"  {kind} fsdp={size}: argument {row['memory']['argument_bytes'] / 1e6:.2f} MB per device")

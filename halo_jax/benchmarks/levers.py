@@ -40,11 +40,13 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from halo_jax.align.dpo_step import make_dpo_step
-from halo_jax.align.gran_dpo import GranDPOConfig
+from halo_jax.benchmarks.config import (bench_mesh, dpo_loss_config, latent_shape, lora_config, make_batches,
+                                        model_config, num_tokens, optimizer)
 from halo_jax.benchmarks.memory import compiled_memory
+from halo_jax.benchmarks.model import build_model
+from halo_jax.benchmarks.timing import time_program, time_steps
 from halo_jax.diffusion import FlowMatching
 from halo_jax.models import lora as lora_lib
-from halo_jax.parallel.mesh import make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,17 +86,7 @@ def _timed(compiled: Any, args: tuple, steps: int, warmup: int) -> float | None:
     """Median seconds of `steps` runs after `warmup`, the donated state carried along; None if steps = 0."""
     if steps <= 0:
         return None
-    from halo_jax.bench import time_steps
-
-    holder = {"args": args}
-
-    def run():
-        out = compiled(*holder["args"])
-        holder["args"] = (out[0], *holder["args"][1:])
-        return out
-
-    times = time_steps(run, steps, warmup)
-    return float(np.median(times))
+    return float(np.median(time_program(compiled, args, lambda out, a: (out[0], *a[1:]), steps, warmup)))
 
 
 def abstract_state(dpo: Any) -> Any:
@@ -106,15 +98,12 @@ def abstract_state(dpo: Any) -> Any:
 def measure_lever(c: ConfigDict, lever: Lever, mesh: jax.sharding.Mesh, dpo_np: dict,
                   log: Callable[[str], None] = print) -> dict:
     """Compile (and optionally time) the Gran-DPO step with `lever` applied; one result row."""
-    from halo_jax.bench import _tx, build_model, model_config
-
     cfg = model_config(c).replace(**{**BASE_OPTIONS, **lever.model})
     model = build_model(cfg, mesh)
     if lever.mode == "lora":
-        lora_lib.apply_lora(model, lora_lib.LoRAConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha)), key=0)
+        lora_lib.apply_lora(model, lora_config(c), key=0)
     k = int(c.levers.grad_accum) if lever.accumulate else 1
-    loss_cfg = GranDPOConfig(beta=float(c.dpo.beta), patch_weight=float(c.dpo.patch_weight), grid=tuple(c.dpo.grid))
-    dpo = make_dpo_step(model, FlowMatching(), loss_cfg, _tx(c), mesh, mode=lever.mode, grad_accum=k)
+    dpo = make_dpo_step(model, FlowMatching(), dpo_loss_config(c), optimizer(c), mesh, mode=lever.mode, grad_accum=k)
     batch = jax.device_put(dpo._check_batch(dpo_np), dpo.batch_sharding)
     steps, warmup = int(c.levers.steps), int(c.levers.warmup)
     state = dpo.init_state(0) if steps > 0 else abstract_state(dpo)
@@ -151,7 +140,6 @@ def _param_bytes(ctor: Callable[[], nnx.Module]) -> tuple[int, int]:
 def measure_text_encoder(c: ConfigDict, mesh: jax.sharding.Mesh, prompts: int,
                          log: Callable[[str], None] = print) -> dict:
     """The umT5 encoder forward on `prompts` prompts of `text_len` tokens: compiled memory, time."""
-    from halo_jax.bench import time_steps
     from halo_jax.models.text.umt5 import UMT5Encoder
     from halo_jax.parallel.sharding import create_sharded
 
@@ -182,8 +170,6 @@ def measure_text_encoder(c: ConfigDict, mesh: jax.sharding.Mesh, prompts: int,
 
 def run_levers(c: ConfigDict, log: Callable[[str], None] = print) -> dict:
     """Every selected lever (and the text encoder row when `levers.text_encoder_row`): {"setup", "levers"}."""
-    from halo_jax.bench import _batches, latent_shape, model_config, num_tokens
-
     from halo_jax.models.text.umt5 import UMT5Config, UMT5Encoder
 
     cfg = model_config(c)
@@ -194,10 +180,8 @@ def run_levers(c: ConfigDict, log: Callable[[str], None] = print) -> dict:
     if any(lv.accumulate for lv in levers) and (k < 2 or pairs % k):
         raise ValueError(f"config.levers.grad_accum={k} must be >= 2 and divide the {pairs} pairs of config.batch="
                          f"{c.batch}; use a batch of 2*k*m videos")
-    mesh_sizes = {a: v for a, v in c.mesh.items() if a != "devices"}
-    n_dev = int(c.mesh.get("devices", 0) or 0)
-    mesh = make_mesh(mesh_sizes, devices=jax.devices()[:n_dev] if n_dev > 0 else None)
-    _, dpo_np = _batches(c, cfg, shape)
+    mesh = bench_mesh(c)
+    _, dpo_np = make_batches(c, cfg, shape)
     log(f"levers: model {c.model.preset} {dataclasses.asdict(cfg)['num_layers']} layers width {cfg.inner_dim}, "
         f"latents {shape} ({num_tokens(cfg, shape)} tokens), {pairs} pairs, mesh {dict(mesh.shape)}")
     rows = [measure_lever(c, lv, mesh, dpo_np, log) for lv in levers]
