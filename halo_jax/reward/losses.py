@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from halo_jax.config import check_fields
+
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
@@ -49,10 +51,7 @@ class LossWeights:
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> LossWeights:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(m) - names)
-        if unknown:
-            raise ValueError(f"unknown loss settings {unknown}; known: {sorted(names)}")
+        check_fields(cls, m)
         return cls(**{k: float(v) for k, v in m.items()})
 
 

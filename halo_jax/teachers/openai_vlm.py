@@ -36,6 +36,7 @@ from absl import logging
 from PIL import Image, ImageDraw, ImageFont
 
 from halo_jax.align.patches import cell_bounds, cell_of_index
+from halo_jax.config import check_fields
 from halo_jax.teachers import prompts as prompts_lib
 from halo_jax.teachers.base import (
     DEFAULT_ASPECTS,
@@ -120,10 +121,7 @@ class OpenAIVLMConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> OpenAIVLMConfig:
         """Build from a dict / ml_collections ConfigDict (lists become tuples); unknown keys are an error."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"unknown OpenAIVLMConfig field(s) {unknown}; known: {sorted(fields)}")
+        check_fields(cls, values)
 
         def tup(x: Any) -> Any:
             return tuple(tup(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -48,6 +48,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from halo_jax.align.patches import CellMap, as_grid, pool_cells
+from halo_jax.config import check_fields
 from halo_jax.convert.safetensors_io import CheckpointError, read_config
 from halo_jax.models.reward.siglip import (
     MLP,
@@ -155,10 +156,7 @@ class RewardModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RewardModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown RewardModelConfig fields {unknown}; known: {sorted(names)}")
+        check_fields(cls, d)
         kw = dict(d)
         if "vision" in kw:
             kw["vision"] = SiglipVisionConfig.from_transformers_config(kw["vision"])

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from halo_jax.config import dataclass_from_dict
 from halo_jax.models.attention import attention
 from halo_jax.parallel.sharding import param_init
 
@@ -100,12 +101,11 @@ class SiglipVisionConfig:
 
     @classmethod
     def from_transformers_config(cls, config: dict) -> SiglipVisionConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in config.items() if k in names}
+        kw = dict(config)
         for key in ("image_size", "patch_size"):
             if key in kw:
                 kw[key] = _square(kw[key], key)
-        return cls(**kw)
+        return dataclass_from_dict(cls, kw, unknown="ignore")  # a transformers config.json has more keys
 
     def to_transformers_config(self) -> dict:
         return {"model_type": "siglip_vision_model", **dataclasses.asdict(self)}
@@ -143,8 +143,7 @@ class SiglipTextConfig:
 
     @classmethod
     def from_transformers_config(cls, config: dict) -> SiglipTextConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        return dataclass_from_dict(cls, config, unknown="ignore")
 
     def to_transformers_config(self) -> dict:
         return {"model_type": "siglip_text_model", **dataclasses.asdict(self)}
