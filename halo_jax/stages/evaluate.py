@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from halo_jax.data import shapes
 from halo_jax.data.stores import RolloutRecord
 from halo_jax.data.video_io import write_gif, write_mp4
 from halo_jax.eval.metrics import compute_metrics, format_table
+from halo_jax.io import atomic_write_text
 from halo_jax.models.wan.pipeline import Generator, load_pipeline
 from halo_jax.parallel import distributed, mesh as mesh_lib
 from halo_jax.stages.generate import model_path, resolve_prompts, sample_seed
@@ -147,9 +147,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=None), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=None))
 
 
 # ----------------------------------------------------------------------------- judges
@@ -330,10 +328,8 @@ def finish(config, out: Path, models: dict[str, Path], prompts: list[str], units
     e = config.evaluate
     base = e.base
     records = collect(out, models, units)
-    tmp = out / f".scores.jsonl.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "settings"}) + "\n" for r in records),
-                   encoding="utf-8")
-    os.replace(tmp, out / "scores.jsonl")
+    atomic_write_text(out / "scores.jsonl",
+                      "".join(json.dumps({k: v for k, v in r.items() if k != "settings"}) + "\n" for r in records))
     metrics = {"models": {n: str(p) for n, p in models.items()}, "base": base, "prompts": prompts,
                "samples_per_prompt": int(e.samples_per_prompt),
                "seed": int(config.seed) if int(e.seed) < 0 else int(e.seed),

@@ -20,6 +20,7 @@ from absl import logging
 from halo_jax.config import ConfigError
 from halo_jax.data import shapes
 from halo_jax.data.stores import RolloutRecord, StoreWriter, write_rollout
+from halo_jax.io import atomic_write_text
 from halo_jax.models.wan.pipeline import Generator, load_pipeline
 from halo_jax.parallel import distributed, mesh as mesh_lib
 from halo_jax.train.metrics import Progress
@@ -88,9 +89,8 @@ def run(config, workdir: str, out_dir: Path | None = None, path: Path | None = N
                               fps=g.fps)
             progress.update(len(batch))
     if distributed.is_main_process():
-        tmp = out / "prompts.json.tmp"
-        tmp.write_text(json.dumps({"prompts": prompts, "samples_per_prompt": g.samples_per_prompt}, indent=2))
-        tmp.replace(out / "prompts.json")
+        atomic_write_text(out / "prompts.json",
+                          json.dumps({"prompts": prompts, "samples_per_prompt": g.samples_per_prompt}, indent=2))
     distributed.barrier("generate")
     logging.info("generate: %d videos in %s", len(items), out)
     return out

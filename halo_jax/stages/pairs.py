@@ -34,6 +34,7 @@ from halo_jax.align.gran_dpo import GranDPOConfig
 from halo_jax.align.pairs import Pair, PairConfig, build_pairs
 from halo_jax.config import ConfigError
 from halo_jax.data.stores import Field, Schema, StoreReader, StoreWriter, read_schema
+from halo_jax.io import atomic_write_text
 from halo_jax.parallel import distributed, mesh as mesh_lib
 from halo_jax.stages.generate import model_path
 from halo_jax.train.metrics import Progress
@@ -141,9 +142,7 @@ def _rollout_latents(rollouts: StoreReader, video_id: str, what: str) -> np.ndar
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def build_pair_store(config, workdir: str | Path) -> dict:

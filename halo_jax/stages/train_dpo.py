@@ -33,6 +33,7 @@ from halo_jax.config import ConfigError
 from halo_jax.data.pipeline import make_iterator
 from halo_jax.data.stores import StoreReader, read_schema
 from halo_jax.diffusion import FlowMatching
+from halo_jax.io import atomic_dir
 from halo_jax.models.lora import LoRAConfig, apply_lora, merge_lora
 from halo_jax.models.wan.transformer_params import export_transformer, load_transformer
 from halo_jax.parallel import distributed, mesh as mesh_lib
@@ -158,14 +159,12 @@ def run(config, workdir: str) -> Path:
     if cfg.mode == "lora":
         aligned = merge_lora(aligned)
     if distributed.is_main_process():
-        tmp = root / "dpo_ckpt.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_pipeline(base, tmp, aligned)
-        (tmp / "halo_dpo.json").write_text(json.dumps({
-            "steps": int(cfg.steps), "mode": cfg.mode, "base": str(base),
-            "loss": cfg.loss.to_dict(), "grid": list(config.grid), "skipped": int(jax.device_get(state["skipped"]))},
-            indent=2, default=list))
-        tmp.replace(out)
+        with atomic_dir(out) as tmp:
+            export_pipeline(base, tmp, aligned)
+            (tmp / "halo_dpo.json").write_text(json.dumps({
+                "steps": int(cfg.steps), "mode": cfg.mode, "base": str(base),
+                "loss": cfg.loss.to_dict(), "grid": list(config.grid),
+                "skipped": int(jax.device_get(state["skipped"]))}, indent=2, default=list))
         logging.info("train_dpo: aligned model written to %s", out)
     distributed.barrier("train_dpo-export")
     return out
