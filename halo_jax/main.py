@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
+
+from halo_jax.io import atomic_write_text
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/ (`file.py` or `file.py:arg`).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run (created if missing).")
@@ -103,9 +104,7 @@ def validate(config, workdir: str | None) -> None:
 def write_config(config, workdir: Path) -> None:
     """The resolved config as JSON, atomically (process 0 only)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, workdir / "config.json")
+    atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def run(config, workdir: str) -> None:

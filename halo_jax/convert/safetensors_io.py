@@ -40,6 +40,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from halo_jax.io import atomic_path, atomic_write_text
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -166,10 +168,10 @@ def save_folder(
     if len(shards) > 1:
         weight_map = {k: n for n, s in zip(names, shards) for k in s}
         total = sum(a.nbytes for s in shards for a in s.values())
-        _atomic_write_text(folder / f"{weights_name}.safetensors.index.json",
+        atomic_write_text(folder / f"{weights_name}.safetensors.index.json",
                            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if config is not None:
-        _atomic_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True))
+        atomic_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True))
 
 
 def _write_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
@@ -182,21 +184,11 @@ def _write_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
         offset += arr.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:  # streamed: no second copy in memory
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for arr in tensors.values():
             f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- key mapping

@@ -40,6 +40,7 @@ from absl import logging
 from etils import epath
 
 from halo_jax.data.stores import Field, Schema, StoreError, StoreReader
+from halo_jax.io import atomic_write_text
 
 SPLIT = "train"
 
@@ -135,9 +136,7 @@ class HaloStore(tfds.core.GeneratorBasedBuilder):
     def _write_fingerprint(self) -> None:
         fp = {**store_fingerprint(self.reader), "skipped": list(self.reader.problems)}
         path = Path(self.data_path) / "halo_store_fingerprint.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(fp, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(fp, indent=1))
 
     def is_current(self) -> bool:
         """Prepared, and from the store as it is now."""

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from halo_jax.io import atomic_path
+
 DEFAULT_CRF = 18  # x264 constant rate factor: 0 lossless .. 51 worst; 18 is visually near-lossless
 
 
@@ -28,17 +30,6 @@ def _check_frames(frames: np.ndarray, what: str) -> np.ndarray:
             f"{what}: frames must be uint8 of shape (F, H, W, 3) with F >= 1, got {frames.dtype} {frames.shape}; "
             "convert floats in [0, 1] with (np.clip(x, 0, 1) * 255).round().astype(np.uint8)")
     return np.ascontiguousarray(frames)
-
-
-def _temp_beside(path: Path) -> Path:
-    """A hidden temporary name in the same folder (same filesystem: the rename is atomic)."""
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _pad_even(frames: np.ndarray) -> np.ndarray:
@@ -57,22 +48,18 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0, *, 
     if fps <= 0:
         raise ValueError(f"{path}: fps must be positive, got {fps}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
     _, h, w, _ = frames.shape
-    writer = imageio_ffmpeg.write_frames(
-        str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=None,
-        macro_block_size=1, ffmpeg_log_level="error",
-        output_params=["-crf", str(int(crf)), "-preset", "medium", "-movflags", "+faststart", "-f", "mp4"])
-    try:
-        writer.send(None)  # start ffmpeg
-        for frame in frames:
-            writer.send(frame.tobytes())
-        writer.close()
-        _commit(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, durable=True) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=None,
+            macro_block_size=1, ffmpeg_log_level="error",
+            output_params=["-crf", str(int(crf)), "-preset", "medium", "-movflags", "+faststart", "-f", "mp4"])
+        try:
+            writer.send(None)  # start ffmpeg
+            for frame in frames:
+                writer.send(frame.tobytes())
+        finally:
+            writer.close()
     return path
 
 
@@ -109,15 +96,10 @@ def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) -> 
     if fps <= 0:
         raise ValueError(f"{path}: fps must be positive, got {fps}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
     images = [Image.fromarray(f) for f in frames]
-    try:
+    with atomic_path(path, durable=True) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], loop=0,
                        duration=max(int(round(1000.0 / fps)), 20), optimize=False)
-        _commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -51,6 +51,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from halo_jax.io import atomic_write_text
+
 VF_ASPECTS: tuple[str, ...] = ("visual_quality", "temporal_consistency", "dynamic_degree",
                                "text_to_video_alignment", "factual_consistency")
 TO_PROJECT: dict[str, str] = {"visual_quality": "visual_quality", "temporal_consistency": "temporal_consistency",
@@ -264,9 +266,7 @@ def prepare_videofeedback(root: str | os.PathLike, *, frames: int = 17, height: 
     b.download_and_prepare(download_dir=str(b.data_dir_root / "downloads"),
                            download_config=tfds.download.DownloadConfig(download_mode=mode) if mode else None)
     for name, data in (("videofeedback_skipped.json", b.skipped), ("videofeedback_fingerprint.json", fp)):
-        tmp = Path(b.data_path) / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, Path(b.data_path) / name)
+        atomic_write_text(Path(b.data_path) / name, json.dumps(data, indent=1))
     if b.skipped:
         logging.warning("videofeedback: %d rows of %s skipped (see %s)", len(b.skipped), root,
                         Path(b.data_path) / "videofeedback_skipped.json")

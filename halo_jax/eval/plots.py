@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from halo_jax.io import atomic_path
+
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 MARGIN = (64, 36, 16, 44)  # left, top, right, bottom of the plot area
@@ -51,9 +53,8 @@ def _fmt(v: float) -> str:
 def _save(image, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path
 
 

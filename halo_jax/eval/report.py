@@ -28,6 +28,7 @@ import numpy as np
 from halo_jax.eval import plots
 from halo_jax.eval.metrics import OVERALL, paired_records
 from halo_jax.eval.overlay import STOPS, display_size, heat_overlay, resize_frames, score_colour
+from halo_jax.io import atomic_write_text
 
 TRAIN_LOSS_KEYS = ("loss", "loss_video", "loss_patch")
 TRAIN_ACC_KEYS = ("acc_video", "acc_patch")
@@ -214,7 +215,5 @@ def write_report(eval_dir: str | os.PathLike, records: Sequence[dict], metrics: 
 </body></html>
 """
     index = report_dir / "index.html"
-    tmp = report_dir / f".index.html.tmp-{os.getpid()}"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, index)
+    atomic_write_text(index, page)
     return index

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from halo_jax.io import atomic_path, atomic_write_text
+
 MAX_NAME_BYTES = 200
 
 
@@ -64,11 +66,8 @@ def export_videos(out_dir: str | os.PathLike, items: Iterable[tuple[str, int, st
             src = Path(video)
             if src.suffix.lower() != ".mp4":
                 raise ValueError(f"{src} is not an mp4; VBench reads mp4 files (pass the frames to encode them)")
-            tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.mp4")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(src, tmp)
         written.append(target)
-    tmp = out / f".prompts.txt.tmp-{os.getpid()}"
-    tmp.write_text("".join(p.strip() + "\n" for p in prompts), encoding="utf-8")
-    os.replace(tmp, out / "prompts.txt")
+    atomic_write_text(out / "prompts.txt", "".join(p.strip() + "\n" for p in prompts))
     return written

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from halo_jax.io import atomic_write_text
 from halo_jax.teachers.base import LabelError, validate_label
 
 ON_BAD_LABEL = ("skip", "fail")
@@ -383,9 +384,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """Atomic JSON write (temp + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
 
 
 def log_bad_labels(bad: BadLabels) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,6 +41,7 @@ from halo_jax.convert.safetensors_io import (
     read_config,
     save_folder,
 )
+from halo_jax.io import atomic_dir
 from halo_jax.models.reward import RewardModel, RewardModelConfig, apply_tower_lora, load_towers
 from halo_jax.models.reward.siglip import SiglipTextConfig, SiglipVisionConfig
 from halo_jax.parallel.sharding import DEFAULT_RULES, Rules, create_sharded, state_shardings
@@ -155,23 +155,14 @@ def save_reward_model(model: RewardModel, folder: str | os.PathLike, tokenizer: 
                       info: Mapping[str, Any] | None = None) -> Path:
     """Write the export folder (module docstring), atomically; returns its path."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     params = nnx.state(model, nnx.Param)
     tensors = export_state(params, _identity_rules(params))
     dtype = model.dtype
     config = {"format": EXPORT_FORMAT, "reward_model": model.config.to_dict(), "text_max_length": int(text_max_length),
               "dtype": jnp.dtype(dtype).name if dtype is not None else None, "info": dict(info or {})}
-    save_folder(tmp, tensors, config, weights_name=WEIGHTS_NAME)
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
+    with atomic_dir(folder) as tmp:
+        save_folder(tmp, tensors, config, weights_name=WEIGHTS_NAME)
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
     return folder
 
 

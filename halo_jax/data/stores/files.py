@@ -1,4 +1,4 @@
-"""The files of a store folder: names, index lines, atomic writes, the schema file, chunk readers.
+"""The files of a store folder: names, index lines, the schema file, chunk readers.
 
     store.json                                        the schema (`SCHEMA_FILE`)
     shard-p{process:05d}-c{chunk:05d}.array_record    one ArrayRecord file per finished chunk
@@ -31,30 +31,6 @@ def chunk_name(process_index: int, chunk: int) -> str:
 
 def index_name(process_index: int) -> str:
     return f"index-p{process_index:05d}.jsonl"
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it is durable (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def index_line(entry: Mapping) -> bytes:

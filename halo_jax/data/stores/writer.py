@@ -22,11 +22,12 @@ from typing import Any
 from absl import logging
 
 from halo_jax.data.stores.files import (
-    CHUNK_RE, INDEX_RE, SCHEMA_FILE, WRITER_OPTIONS, atomic_write, chunk_name, fsync_dir, index_line, index_name,
-    open_chunk_reader, read_index, read_schema,
+    CHUNK_RE, INDEX_RE, SCHEMA_FILE, WRITER_OPTIONS, chunk_name, index_line, index_name, open_chunk_reader, read_index,
+    read_schema,
 )
 from halo_jax.data.stores.records import decode_record, encode_record
 from halo_jax.data.stores.schema import Schema, StoreError
+from halo_jax.io import atomic_write_bytes, commit
 
 
 class StoreWriter:
@@ -75,7 +76,7 @@ class StoreWriter:
                                  f", not the schema given ({self.schema.to_json()['fields']}); write to a new folder "
                                  "or delete the old store")
         elif self.process_index == 0:
-            atomic_write(path, (json.dumps(self.schema.to_json(), indent=1) + "\n").encode())
+            atomic_write_bytes(path, (json.dumps(self.schema.to_json(), indent=1) + "\n").encode(), durable=True)
 
     def _repair_own(self) -> tuple[list[str], int]:
         """Make this process's index exactly describe its chunk files; returns (ids, next chunk number)."""
@@ -137,7 +138,7 @@ class StoreWriter:
         if notes:
             for note in notes:
                 logging.warning("store %s, %s: %s", self.dir, index_path.name, note)
-            atomic_write(index_path, b"".join(index_line(e) for e in entries))
+            atomic_write_bytes(index_path, b"".join(index_line(e) for e in entries), durable=True)
         next_chunk = max(chunks.values(), default=-1) + 1
         return [e["id"] for e in entries], next_chunk
 
@@ -181,10 +182,7 @@ class StoreWriter:
         self._writer.close()
         self._writer = None
         final = self.dir / chunk_name(self.process_index, self._next_chunk)
-        with open(self._tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self._tmp, final)
-        fsync_dir(self.dir)
+        commit(self._tmp, final, durable=True)
         lines = b"".join(index_line(e) for e in self._pending)
         fd = os.open(self.dir / index_name(self.process_index), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
