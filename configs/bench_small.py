@@ -9,15 +9,14 @@
 
 from ml_collections import ConfigDict
 
-from halo_jax.benchmarks.config import bench_config
+from halo_jax.benchmarks.config import FP32_UNROLLED, bench_config
 
 
 def get_config() -> ConfigDict:
     c = bench_config(
         "tiny",
         {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 128, "ffn_dim": 1024, "text_dim": 256,
-         "in_channels": 16, "out_channels": 16, "freq_dim": 256, "dtype": "float32", "param_dtype": "float32",
-         "remat": "none", "scan_layers": False},
+         "in_channels": 16, "out_channels": 16, "freq_dim": 256, **FP32_UNROLLED},
         {"space": "latent", "frames": 5, "height": 16, "width": 16},
         # batch 16 = 8 pairs: divides over 8 fsdp devices and into 4 accumulation micro-batches
         batch=16, text_len=32, steps=9, warmup=2, lora_rank=4, lora_alpha=4.0, grid=(1, 2, 2))

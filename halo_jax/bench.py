@@ -30,6 +30,7 @@ from halo_jax.benchmarks import fsdp, levers
 from halo_jax.benchmarks.config import MODES
 from halo_jax.benchmarks.steps import run_steps
 from halo_jax.benchmarks.torch_ref import torch_in_subprocess
+from halo_jax.io import atomic_write_text
 
 
 def format_table(report: dict) -> str:
@@ -95,8 +96,7 @@ def _finish(report: dict, table: str, out: str | None, log: Callable[[str], None
     log(table)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+        atomic_write_text(out, json.dumps(report, indent=2, default=str))
         log(f"wrote {out}")
     return report
 

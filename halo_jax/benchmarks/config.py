@@ -28,6 +28,8 @@ KINDS = ("sft", "diffusion_dpo", "gran_dpo", "sample")  # config.kinds: the step
 MODES = ("steps", "levers", "fsdp")  # config.mode: halo_jax/benchmarks/steps.py, levers.py, fsdp.py
 WAN_VAE_STRIDES = (4, 8, 8)  # pixel -> latent (frames causal: F = (frames - 1)/4 + 1)
 WAN_LATENT_CHANNELS = 16
+# WanTransformerConfig run options of the plain layout: float32 weights and compute, no remat, unrolled blocks
+FP32_UNROLLED = {"dtype": "float32", "param_dtype": "float32", "remat": "none", "scan_layers": False}
 
 
 def bench_config(preset: str, fields: Mapping[str, Any], video: Mapping[str, Any], *, batch: int, text_len: int,

@@ -40,8 +40,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from halo_jax.align.dpo_step import make_dpo_step
-from halo_jax.benchmarks.config import (bench_mesh, dpo_loss_config, latent_shape, lora_config, make_batches,
-                                        model_config, num_tokens, optimizer)
+from halo_jax.benchmarks.config import (FP32_UNROLLED, bench_mesh, dpo_loss_config, latent_shape, lora_config,
+                                        make_batches, model_config, num_tokens, optimizer)
 from halo_jax.benchmarks.memory import compiled_memory
 from halo_jax.benchmarks.model import build_model
 from halo_jax.benchmarks.timing import time_program, time_steps
@@ -71,7 +71,7 @@ LEVERS: tuple[Lever, ...] = (
     Lever("bf16_params", "bf16 compute + bf16 frozen base (fp32 adapters)", {"dtype": "bfloat16", "param_dtype": "bfloat16"}),
 )
 LEVER_NAMES = tuple(lv.name for lv in LEVERS)
-BASE_OPTIONS = {"remat": "none", "scan_layers": False, "dtype": "float32", "param_dtype": "float32"}
+BASE_OPTIONS = FP32_UNROLLED  # the baseline's model options; each lever changes some of them
 
 
 def _selected(c: ConfigDict) -> list[Lever]:
