@@ -6,6 +6,8 @@
 # Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, which
 # halo_jax.main turns into jax.distributed.initialize() (gloo collectives on CPU).
 # Logs go to DIR/logs/process_K.log; the script waits for every process and fails if any fails.
+# When one process fails the others are stopped (TERM, then KILL after GRACE seconds, default 10):
+# they would otherwise wait at the next barrier or collective until the runtime's timeout.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
   echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS --config=... --workdir=... [overrides]" >&2
@@ -25,8 +27,32 @@ for ((i = 0; i < NUM; i++)); do
     "$PY" -m halo_jax.main "$@" > "$WORKDIR/logs/process_$i.log" 2>&1 &
   pids+=($!)
 done
-status=0
-for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then echo "process $i failed; see $WORKDIR/logs/process_$i.log" >&2; status=1; fi
+stop_all() {
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  for ((t = 0; t < ${GRACE:-10} * 2; t++)); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.5
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap 'stop_all; exit 130' INT TERM
+left=("${pids[@]}")
+while ((${#left[@]})); do
+  code=0
+  finished=""
+  wait -n -p finished "${left[@]}" || code=$?  # bash >= 5.1
+  [[ -n "$finished" ]] || break
+  rest=()
+  for pid in "${left[@]}"; do [[ "$pid" == "$finished" ]] || rest+=("$pid"); done
+  left=("${rest[@]}")
+  if ((code != 0)); then
+    for i in "${!pids[@]}"; do [[ "${pids[$i]}" == "$finished" ]] && rank=$i; done
+    echo "process $rank failed (exit status $code); stopping the others; see $WORKDIR/logs/process_$rank.log" >&2
+    stop_all
+    exit 1
+  fi
 done
-exit $status
+exit 0

@@ -62,12 +62,29 @@ def model_path(config, workdir: str) -> Path:
     return path
 
 
+def sampling_mesh(config):
+    """This process's devices for sampling: the batch over 'data'; the weights sharded over 'fsdp' and
+    'tensor' only where `config.mesh` gives those axes a fixed size, else replicated.
+
+    The per-device program then does not depend on how many devices a process has, so a (prompt,
+    seed) gives the same video, bit for bit, on 1 process x 8 devices and on 2 x 4 (weights sharded
+    over all local devices, `fsdp = -1`, would sum in an order that changes with the device count).
+    """
+    local = jax.local_devices()
+    fsdp, tensor = (max(int(config.mesh[a]), 1) for a in ("fsdp", "tensor"))
+    if len(local) % (fsdp * tensor):
+        raise ConfigError(f"sampling shards the weights over mesh.fsdp x mesh.tensor = {fsdp} x {tensor} devices, "
+                          f"which do not divide this process's {len(local)} devices; set mesh.fsdp=-1 (replicated "
+                          "weights) or sizes that divide the local device count")
+    return mesh_lib.make_mesh({"data": -1, "fsdp": fsdp, "tensor": tensor}, devices=local)
+
+
 def run(config, workdir: str, out_dir: Path | None = None, path: Path | None = None) -> Path:
     g = config.generate
     out = out_dir or Path(workdir) / "rollouts"
     prompts = resolve_prompts(g)
     # Each process samples its own items on its own devices (no cross-host collectives).
-    local = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
+    local = sampling_mesh(config)
     pipe = load_pipeline(path or model_path(config, workdir), mesh=local, rules=config.sharding.rules,
                          **dict(config.model.options))
     v = config.video

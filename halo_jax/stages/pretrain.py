@@ -105,7 +105,8 @@ def _train(model: nnx.Module, loss_fn, data, batch_shardings, section, steps: in
     step_fn = state_lib.make_train_step(graphdef, frozen, loss_fn, tx, shardings, batch_shardings)
     ckpt = Checkpointer(folder / "ckpt", keep=config.checkpoint.keep, every_steps=config.checkpoint.every_steps)
     state, extra = state_lib.restore_or_init(
-        ckpt, lambda: state_lib.init_train_state(state_lib.pure(params), tx, config.seed), shardings)
+        ckpt, lambda p: state_lib.init_train_state(p, tx, config.seed), shardings,
+        state_lib.pure(params))
     if extra:
         data.set_state(extra["data"])
         logging.info("%s: resumed at step %d", desc, int(state["step"]))

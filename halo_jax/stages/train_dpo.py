@@ -125,8 +125,11 @@ def run(config, workdir: str) -> Path:
                              timestep_sampling=cfg.diffusion.timestep_sampling)
     step = make_dpo_step(model, diffusion, loss_config(config), make_optimizer(cfg), mesh, mode=cfg.mode,
                          grad_accum=int(cfg.grad_accum), rules=rules)
-    data = make_iterator(reader, batch_size=_local_batch(int(cfg.batch_size), step), seed=config.seed,
-                         num_epochs=None, transform=_batch_of)
+    # Each process reads its rows of every global batch; the batches do not depend on the process count.
+    share = distributed.GlobalBatchShare(reader, int(cfg.batch_size), config.seed,
+                                         rows=distributed.process_local_rows(int(cfg.batch_size), step.batch_sharding))
+    data = make_iterator(share, batch_size=_local_batch(int(cfg.batch_size), step), seed=config.seed, shuffle=False,
+                         process_index=0, process_count=1, transform=_batch_of)
 
     ckpt = Checkpointer(folder / "ckpt", keep=config.checkpoint.keep, every_steps=config.checkpoint.every_steps)
     if ckpt.latest_step() is not None:

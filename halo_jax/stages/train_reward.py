@@ -203,12 +203,14 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
                                         batch_shardings)
     ckpt = Checkpointer(folder / "ckpt", keep=config.checkpoint.keep, every_steps=config.checkpoint.every_steps)
     state, extra = state_lib.restore_or_init(
-        ckpt, lambda: state_lib.init_train_state(state_lib.pure(params), tx, config.seed + phase), shardings)
+        ckpt, lambda p: state_lib.init_train_state(p, tx, config.seed + phase), shardings,
+        state_lib.pure(params))
     for k, v in origin.items():
         if extra and extra.get(k) != v:
             raise ConfigError(f"{folder} continues a phase 1 of {extra.get(k)} steps, but phase 1 now has {v}; "
                               f"delete {folder} to train phase 2 again from the new phase 1")
-    data = make_data(train, g, section.batch_size // g // jax.process_count(), config.seed + phase)
+    rows = distributed.process_local_rows(section.batch_size, batch_shardings["valid"])  # videos; whole groups
+    data = make_data(train, g, section.batch_size // g, slice(rows.start // g, rows.stop // g), config.seed + phase)
     if extra:
         data.set_state(extra["data"])
         logging.info("train_reward: phase %d resumed at step %d", phase, int(jax.device_get(state["step"])))
@@ -222,6 +224,8 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
     writer.close()
     nnx.replace_by_pure_dict(params, distributed.to_host(state["params"]))
     nnx.update(model, params)
+    # Process 0 alone saves and evaluates: the untrained variables (still global arrays) to the host too.
+    nnx.update(model, distributed.to_host(nnx.state(model)))
 
     report = None
     if distributed.is_main_process():
@@ -237,12 +241,14 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
     return model, report or _read_json(root / f"eval_phase{phase}.json")
 
 
-def make_data(train: rdata.RewardData, group_size: int, local_groups: int, seed: int):
-    """The endless, checkpointable iterator of this process's flat batches of prompt groups."""
+def make_data(train: rdata.RewardData, group_size: int, global_groups: int, rows: slice, seed: int):
+    """The endless, checkpointable iterator of this process's flat batches of prompt groups: its `rows`
+    (in groups) of every global batch of `global_groups` groups, which do not depend on the process count."""
     from halo_jax.data.pipeline import make_iterator
 
-    return make_iterator(rdata.GroupedSource(train, group_size), batch_size=local_groups, seed=seed, num_epochs=None,
-                         batch_fn=rdata.concat_groups, prefetch=2)
+    share = distributed.GlobalBatchShare(rdata.GroupedSource(train, group_size), global_groups, seed, rows=rows)
+    return make_iterator(share, batch_size=share.local_batch, seed=seed, shuffle=False, process_index=0,
+                         process_count=1, batch_fn=rdata.concat_groups, prefetch=2)
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -61,11 +61,14 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: nnx.State, loss_fn: LossFn, 
                     shardings: dict, batch_sharding: Any) -> Callable[[dict, Any], tuple[dict, dict]]:
     """A jitted `step(state, batch) -> (state, metrics)`: loss, gradients, optax update.
 
-    `loss_fn(model, batch, key) -> (loss, metrics)` sees the merged model; `frozen`
-    (non-trainable state) is closed over as a constant of the step.
+    `loss_fn(model, batch, key) -> (loss, metrics)` sees the merged model. `frozen`
+    (non-trainable state) is an argument of the compiled step, bound here (not a constant
+    closed over: an array sharded over several processes cannot be one, and large frozen
+    weights would be baked into the executable); leaves not on the step's mesh are
+    replicated onto it. The result also offers `.lower(state, batch)`.
     """
 
-    def step(state, batch):
+    def step(state, batch, frozen):
         key = jax.random.wrap_key_data(state["rng"])
         key, step_key = jax.random.split(key)
         step_key = jax.random.fold_in(step_key, state["step"])
@@ -82,12 +85,42 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: nnx.State, loss_fn: LossFn, 
                      "rng": jax.random.key_data(key)}
         return new_state, metrics
 
-    return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+    replicated = shardings["step"]
+    frozen = jax.tree.map(lambda x: _on_mesh(x, replicated), pure(frozen))
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, frozen_shardings),
+                     out_shardings=(shardings, None), donate_argnums=0)
+    return _BoundStep(jitted, frozen)
 
 
-def restore_or_init(checkpointer: Checkpointer, init_fn: Callable[[], dict], shardings: dict) -> tuple[dict, dict]:
-    """The latest checkpoint laid out on `shardings`, else `init_fn()` placed there; plus its JSON extra."""
+def _on_mesh(x: Any, replicated: NamedSharding) -> jax.Array:
+    """`x` if it is an array on `replicated`'s mesh, else a copy replicated there."""
+    if isinstance(x, jax.Array) and x.sharding.device_set == replicated.device_set:
+        return x
+    return jax.device_put(x, replicated)
+
+
+class _BoundStep:
+    """`jitted(state, batch, frozen)` with `frozen` bound: called (and lowered) as `step(state, batch)`."""
+
+    def __init__(self, jitted: Callable, frozen: dict):
+        self.jitted, self.frozen = jitted, frozen
+
+    def __call__(self, state: dict, batch: Any) -> tuple[dict, dict]:
+        return self.jitted(state, batch, self.frozen)
+
+    def lower(self, state: Any, batch: Any):
+        return self.jitted.lower(state, batch, self.frozen)
+
+
+def restore_or_init(checkpointer: Checkpointer, init_fn: Callable[..., dict], shardings: dict,
+                    *init_args: Any) -> tuple[dict, dict]:
+    """The latest checkpoint laid out on `shardings`, else `init_fn(*init_args)` placed there; plus its JSON extra.
+
+    Pass arrays (the initial params) as `init_args`, not closed over by `init_fn`: a jitted
+    function cannot close over an array that spans several processes' devices.
+    """
     if checkpointer.latest_step() is not None:
-        target = abstract_like(jax.eval_shape(init_fn), shardings)
+        target = abstract_like(jax.eval_shape(init_fn, *init_args), shardings)
         return checkpointer.restore(target)
-    return jax.jit(init_fn, out_shardings=shardings)(), {}
+    return jax.jit(init_fn, out_shardings=shardings)(*init_args), {}
