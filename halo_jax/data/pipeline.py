@@ -22,6 +22,13 @@ source is cut to a multiple of `process_count` first, so every process has the s
 number of records (and of batches): multi-host loops that iterate a finite number of
 epochs then never wait on a process that ran out. Records are batched across epoch
 boundaries (repeat comes before batch), so only the very end can be short.
+
+Global batches that do not depend on the process count (training): `make_global_iterator`
+(over `GlobalBatchShare`) shuffles and repeats the *whole* source with one seed, cuts it into
+global batches of `global_batch` records, and gives this process its rows of each (the rows its
+devices hold in the batch sharding, `parallel.distributed.process_local_rows`). One process x 8
+devices and two processes x 4 devices then train on the same global batches, and each process
+reads only its own records.
 """
 
 from __future__ import annotations
@@ -179,3 +186,85 @@ def make_iterator(
                 "drop_remainder": bool(drop_remainder), "equal_shares": bool(equal_shares)}
     return DataIterator(iter(it), pipeline)
 
+
+
+class GlobalBatchShare:
+    """This process's rows of every global batch, in an order that does not depend on the process count.
+
+    The global record order is the source shuffled with `seed` (a fresh permutation each epoch,
+    grain's index shuffle) and repeated `num_epochs` times (None: without end); global batch k is
+    order[k*B : (k+1)*B] and this process holds its rows `rows` of it (default: the P-th share of
+    process p). Item i of this view is local row i % b of local batch i // b (b = `local_batch` =
+    len(rows)); only whole global batches are kept. Only this process's records are read.
+    `ids()` forwards the source's (the pipeline's resume check). Batch it with
+    `make_global_iterator`, or unshuffled as one process with `make_iterator(share,
+    batch_size=share.local_batch, shuffle=False, process_index=0, process_count=1)`.
+    """
+
+    def __init__(self, source: RandomAccessSource, global_batch: int, seed: int, *, rows: slice | None = None,
+                 num_epochs: int | None = None, shuffle: bool = True):
+        if global_batch < 1:
+            raise ValueError(f"global_batch must be >= 1, got {global_batch}")
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1 or None (repeat forever), got {num_epochs}")
+        if rows is None:
+            index, count = _processes(None, None)
+            if global_batch % count:
+                raise ValueError(f"global batch {global_batch} does not split over {count} processes; use a multiple "
+                                 f"of {count}")
+            share = global_batch // count
+            rows = slice(index * share, (index + 1) * share)
+        if rows.start is None or rows.stop is None or not 0 <= rows.start < rows.stop <= global_batch:
+            raise ValueError(f"rows {rows} are not a non-empty slice inside a global batch of {global_batch}")
+        n = len(source)
+        if n == 0:
+            raise ValueError("the source has no records")
+        order = grain.MapDataset.range(n)
+        order = order.shuffle(seed=int(seed) % 2**32) if shuffle else order
+        self._order = order.repeat(num_epochs) if num_epochs != 1 else order
+        self.source, self.global_batch, self.rows = source, int(global_batch), rows
+        self.local_batch = rows.stop - rows.start
+        self._len = len(self._order) // self.global_batch * self.local_batch  # whole global batches only
+        if self._len == 0:
+            raise ValueError(f"the source has {n} records, fewer than one global batch of {global_batch} over "
+                             f"{num_epochs} epoch(s); lower the batch size or add data")
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> Any:
+        k, j = divmod(int(index), self.local_batch)
+        return self.source[int(self._order[k * self.global_batch + self.rows.start + j])]
+
+    def ids(self) -> list[str]:
+        ids = getattr(self.source, "ids", None)
+        return list(ids()) if callable(ids) else list(map(str, range(len(self.source))))
+
+
+def make_global_iterator(
+    source: RandomAccessSource,
+    *,
+    global_batch: int,
+    seed: int,
+    rows: slice | None = None,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    transform: Callable[[Any], Any] | None = None,
+    num_threads: int = 2,
+    prefetch: int = 4,
+    batch_fn: Callable[[Sequence[Any]], Any] | None = None,
+) -> DataIterator:
+    """A checkpointable iterator of this process's rows (`rows`, default its P-th share) of every global
+    batch of `global_batch` records (`GlobalBatchShare`): the same global batches on any number of processes.
+
+    Each `next()` gives `rows.stop - rows.start` records, batched by `batch_fn` (default
+    `stack_records`) after `transform`. `num_epochs=None` repeats forever (a trainer's default).
+    The state refuses a resume with another global batch or rows of another size; a checkpoint
+    written with one process count resumes with the same local batch only.
+    """
+    share = GlobalBatchShare(source, global_batch, seed, rows=rows, num_epochs=num_epochs, shuffle=shuffle)
+    it = make_iterator(share, batch_size=share.local_batch, seed=seed, shuffle=False, num_epochs=1, process_index=0,
+                       process_count=1, transform=transform, num_threads=num_threads, prefetch=prefetch,
+                       batch_fn=batch_fn)
+    it.pipeline.update(global_batch=share.global_batch, global_shuffle=bool(shuffle), global_epochs=num_epochs)
+    return it

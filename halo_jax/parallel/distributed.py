@@ -94,57 +94,18 @@ def to_host(x: Any) -> Any:
 
 
 def process_local_rows(global_rows: int, sharding: NamedSharding) -> slice:
-    """The contiguous rows (leading axis) of a global batch that this process's devices hold."""
+    """The contiguous rows (leading axis) of a global batch that this process's devices hold
+    (the `rows` of `data.pipeline.make_global_iterator`)."""
     indices = sharding.addressable_devices_indices_map((global_rows,))
-    starts = [idx[0].start or 0 for idx in indices.values()]
-    stops = [global_rows if idx[0].stop is None else idx[0].stop for idx in indices.values()]
-    lo, hi = min(starts), max(stops)
+    spans = sorted({(idx[0].start or 0, global_rows if idx[0].stop is None else idx[0].stop)
+                    for idx in indices.values()})
+    lo, hi = spans[0][0], max(stop for _, stop in spans)
+    covered = lo
+    for start, stop in spans:
+        if start > covered:
+            raise ValueError(f"this process's devices hold rows {spans} of a global batch of {global_rows}: not one "
+                             "contiguous block; order the mesh's batch axes so that each process's devices are "
+                             "adjacent (jax.make_mesh does)")
+        covered = max(covered, stop)
     return slice(lo, hi)
 
-
-class GlobalBatchShare:
-    """This process's rows of every global batch, in an order that does not depend on the process count.
-
-    The global record order is the source shuffled with `seed` (a fresh permutation each epoch,
-    grain's index shuffle) and repeated `num_epochs` times (None: without end); global batch k is
-    order[k*B : (k+1)*B] and this process holds its rows `rows` of it (`process_local_rows` of the
-    batch sharding; default: the P-th share of process p). Item i of this view is local row
-    i % b of local batch i // b (b = len(rows)), so batching the view unshuffled as one process
-    (`data.pipeline.make_iterator(view, batch_size=b, shuffle=False, process_index=0,
-    process_count=1)`) gives, on 1 x 8 devices and on 2 x 4, the same global batches. Only this
-    process's records are read. `ids()` forwards the source's (the pipeline's resume check).
-    """
-
-    def __init__(self, source: Any, global_batch: int, seed: int, *, rows: slice | None = None,
-                 num_epochs: int | None = None, shuffle: bool = True):
-        import grain
-
-        count = jax.process_count()
-        if rows is None:
-            if global_batch % count:
-                raise ValueError(f"global batch {global_batch} does not split over {count} processes; use a multiple "
-                                 f"of {count}")
-            share = global_batch // count
-            rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
-        if not 0 <= rows.start < rows.stop <= global_batch:
-            raise ValueError(f"rows {rows} are not inside a global batch of {global_batch}")
-        n = len(source)
-        if n == 0:
-            raise ValueError("the source has no records")
-        order = grain.MapDataset.range(n)
-        order = order.shuffle(seed=int(seed) % 2**32) if shuffle else order
-        self._order = order.repeat(num_epochs) if num_epochs != 1 else order
-        self.source, self.global_batch, self.rows = source, int(global_batch), rows
-        self.local_batch = rows.stop - rows.start
-        self._len = len(self._order) // global_batch * self.local_batch  # whole global batches only
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> Any:
-        k, j = divmod(int(index), self.local_batch)
-        return self.source[int(self._order[k * self.global_batch + self.rows.start + j])]
-
-    def ids(self) -> list[str] | None:
-        ids = getattr(self.source, "ids", None)
-        return ids() if callable(ids) else list(map(str, range(len(self.source))))

@@ -16,8 +16,9 @@ Every model sees the same initial noise for a unit, so per-unit scores are paire
 a video whose record exists, matches the current settings (model folder, video size, sampler,
 prompt, seed) and holds every requested judge is not generated again. Models of one
 architecture share one compiled sampler (only the weights change). Multi-host: each process
-generates its share of the units on its own devices; process 0 merges, computes the metrics
-and writes the report.
+generates its share of the units on its own devices (`generate.sampling_mesh`: weights
+replicated unless `config.mesh` fixes fsdp/tensor sizes, so a unit's video is the same on any
+number of processes and devices); process 0 merges, computes the metrics and writes the report.
 
 Prompts: `evaluate.prompts` / `prompts_file` / `shapes_split` (default "heldout"), the first
 `num_prompts`, or with `prompt_selection = "spread"` that many evenly spaced over the list.
@@ -35,9 +36,7 @@ import json
 import re
 from pathlib import Path
 
-import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from halo_jax.config import ConfigError
@@ -47,8 +46,8 @@ from halo_jax.data.video_io import write_gif, write_mp4
 from halo_jax.eval.metrics import compute_metrics, format_table
 from halo_jax.io import atomic_write_text
 from halo_jax.models.wan.pipeline import Generator, load_pipeline
-from halo_jax.parallel import distributed, mesh as mesh_lib
-from halo_jax.stages.generate import model_path, resolve_prompts, sample_seed
+from halo_jax.parallel import distributed
+from halo_jax.stages.generate import model_path, resolve_prompts, sample_seed, sampling_mesh
 from halo_jax.train.metrics import Progress
 
 ORACLE, REWARD = "oracle", "reward_model"
@@ -156,8 +155,9 @@ def _write_json(path: Path, obj) -> None:
 class Judges:
     """The oracle and/or the reward model over a batch of videos -> {judge: entry} per video."""
 
-    def __init__(self, config, names: list[str], batch_size: int):
+    def __init__(self, config, names: list[str], batch_size: int, mesh=None):
         self.names = names
+        self.mesh = mesh if mesh is not None else sampling_mesh(config)  # the reward model's devices
         self.ids: dict[str, dict] = {}
         if ORACLE in names:
             from halo_jax.teachers.oracle import ORACLE_VERSION, OracleTeacher
@@ -177,7 +177,7 @@ class Judges:
         from halo_jax.reward.model_io import load_reward_model
         from halo_jax.reward.scorer import Scorer
 
-        local = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
+        local = self.mesh
         loaded = load_reward_model(self.reward_path, local, self.rules)
         self.clip = loaded.info.get("info", {}).get("clip")
         self.scorer = Scorer(loaded.model, loaded.tokenizer, loaded.text_max_length, self.batch_size, mesh=local,
@@ -257,12 +257,14 @@ def run(config, workdir: str) -> Path:
         raise ConfigError(f"evaluate.video_format must be 'mp4' or 'gif', got {e.video_format!r}")
     mine = distributed.process_share(units)
     batch = max(1, min(int(e.batch_size), len(mine) or 1))  # one batch shape for the whole run
-    judges = Judges(config, names, batch)
+    # This process's devices, as `generate` samples: the videos (and reward scores) of a unit do not
+    # depend on how many processes or local devices the run has.
+    local = sampling_mesh(config)
+    judges = Judges(config, names, batch, mesh=local)
     v = config.video
     sampler = SharedSampler(frames=v.frames, height=v.height, width=v.width, num_steps=config.sampler.num_steps,
                             guidance_scale=config.sampler.guidance_scale,
                             negative_prompt=config.sampler.negative_prompt)
-    local = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
 
     plan = {}
     for name, path in models.items():

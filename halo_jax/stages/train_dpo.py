@@ -30,7 +30,7 @@ from flax import nnx
 
 from halo_jax.align.dpo_step import DPOStep, check_skipped, make_dpo_step
 from halo_jax.config import ConfigError
-from halo_jax.data.pipeline import make_iterator
+from halo_jax.data.pipeline import make_global_iterator
 from halo_jax.data.stores import StoreReader, read_schema
 from halo_jax.diffusion import FlowMatching
 from halo_jax.io import atomic_dir
@@ -80,13 +80,13 @@ def _batch_of(record: dict) -> dict:
     return out
 
 
-def _local_batch(global_batch: int, step: DPOStep) -> int:
+def check_batch_size(global_batch: int, step: DPOStep) -> None:
+    """`dpo.batch_size` must split over the batch devices x micro-batches, and over the processes."""
     if global_batch % (step.batch_shards * step.grad_accum) or global_batch % jax.process_count():
         raise ConfigError(f"dpo.batch_size={global_batch} must split over the mesh's ('data', 'fsdp') = "
                           f"{step.batch_shards} devices, dpo.grad_accum={step.grad_accum} micro-batches and "
                           f"{jax.process_count()} processes; use a multiple of "
                           f"{step.batch_shards * step.grad_accum * jax.process_count()}")
-    return global_batch // jax.process_count()
 
 
 def export_pipeline(base: Path, folder: Path, transformer: nnx.Module) -> Path:
@@ -126,10 +126,9 @@ def run(config, workdir: str) -> Path:
     step = make_dpo_step(model, diffusion, loss_config(config), make_optimizer(cfg), mesh, mode=cfg.mode,
                          grad_accum=int(cfg.grad_accum), rules=rules)
     # Each process reads its rows of every global batch; the batches do not depend on the process count.
-    share = distributed.GlobalBatchShare(reader, int(cfg.batch_size), config.seed,
-                                         rows=distributed.process_local_rows(int(cfg.batch_size), step.batch_sharding))
-    data = make_iterator(share, batch_size=_local_batch(int(cfg.batch_size), step), seed=config.seed, shuffle=False,
-                         process_index=0, process_count=1, transform=_batch_of)
+    check_batch_size(int(cfg.batch_size), step)
+    data = make_global_iterator(reader, global_batch=int(cfg.batch_size), seed=config.seed, transform=_batch_of,
+                                rows=distributed.process_local_rows(int(cfg.batch_size), step.batch_sharding))
 
     ckpt = Checkpointer(folder / "ckpt", keep=config.checkpoint.keep, every_steps=config.checkpoint.every_steps)
     if ckpt.latest_step() is not None:

@@ -244,11 +244,10 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
 def make_data(train: rdata.RewardData, group_size: int, global_groups: int, rows: slice, seed: int):
     """The endless, checkpointable iterator of this process's flat batches of prompt groups: its `rows`
     (in groups) of every global batch of `global_groups` groups, which do not depend on the process count."""
-    from halo_jax.data.pipeline import make_iterator
+    from halo_jax.data.pipeline import make_global_iterator
 
-    share = distributed.GlobalBatchShare(rdata.GroupedSource(train, group_size), global_groups, seed, rows=rows)
-    return make_iterator(share, batch_size=share.local_batch, seed=seed, shuffle=False, process_index=0,
-                         process_count=1, batch_fn=rdata.concat_groups, prefetch=2)
+    return make_global_iterator(rdata.GroupedSource(train, group_size), global_batch=global_groups, seed=seed,
+                                rows=rows, batch_fn=rdata.concat_groups, prefetch=2)
 
 
 # ----------------------------------------------------------------------------- the stage
