@@ -58,12 +58,17 @@ def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _finish(proc: subprocess.Popen, log: Path, what: str) -> None:
     try:
         proc.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill(proc)
     if proc.returncode != 0:
         logs = [log, *sorted(log.parent.glob("logs/process_*.log"))]
         tails = "\n".join(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]) for p in logs
@@ -82,8 +87,10 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
         single = _start([sys.executable, "-m", "halo_jax.main", f"--config={CONFIG}", f"--workdir={one}"], _env(8),
                         one / "run.log")
         _finish(single, one / "run.log", "1 process x 8 devices (the demo)")
-    finally:
-        _finish(multi, two / "run.log", "2 processes x 4 devices (launch/local.sh)")
+    except BaseException:  # the demo failed: its log is the report; do not wait for the other run
+        _kill(multi)
+        raise
+    _finish(multi, two / "run.log", "2 processes x 4 devices (launch/local.sh)")
     return one, two
 
 
