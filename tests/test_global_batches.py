@@ -97,3 +97,12 @@ def test_process_local_rows_of_a_batch_sharding():
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": -1, "tensor": 1})
     assert distributed.process_local_rows(16, batch_sharding(mesh, 2)) == slice(0, 16)
     assert distributed.process_local_rows(16, jax.sharding.NamedSharding(mesh, jax.P())) == slice(0, 16)
+
+
+def test_one_process_gives_make_iterators_batches():
+    """On one process the global iterator is `make_iterator`'s (a switch keeps single-host runs' batches)."""
+    from halo_jax.data.pipeline import make_iterator
+
+    a = make_global_iterator(Numbers(), global_batch=8, seed=5, rows=slice(0, 8))
+    b = make_iterator(Numbers(), batch_size=8, seed=5, num_epochs=None, process_index=0, process_count=1)
+    assert [next(a)["x"].tolist() for _ in range(5)] == [next(b)["x"].tolist() for _ in range(5)]
