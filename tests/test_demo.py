@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from halo_jax.assets import SHAPES_WAN
+from halo_jax.convert.safetensors_io import SafetensorsFolder
 from halo_jax.data.label_store import read_labels
 from halo_jax.data.stores import StoreReader
 from halo_jax.train.metrics import read_metrics
@@ -115,8 +115,7 @@ def test_demo_stages(runs):
     assert len(StoreReader(one / "pairs")) >= 1
     assert (one / "dpo_ckpt" / "model_index.json").exists()
     # Gran-DPO changed the DiT (LoRA merged into the export); every other component is the base's.
-    base = load_file(SHAPES_WAN / "transformer" / "diffusion_pytorch_model.safetensors")
-    aligned = load_file(one / "dpo_ckpt" / "transformer" / "diffusion_pytorch_model.safetensors")
+    base, aligned = SafetensorsFolder(SHAPES_WAN / "transformer"), SafetensorsFolder(one / "dpo_ckpt" / "transformer")
     assert set(base) == set(aligned)
     changed = [k for k in base if not np.array_equal(base[k], aligned[k])]
     assert changed and all(np.isfinite(aligned[k]).all() for k in changed)
