@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
-PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist), one per core; a test file stays on one worker so its
+# module fixtures (built models, compiled steps) are made once.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: demo test test-e2e install clean
 

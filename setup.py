@@ -39,7 +39,7 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         # torch 2.13.0 is the CPU build the parity tests compare against.
-        "test": ["pytest>=8", "hypothesis", "torch==2.13.0", "accelerate"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis", "torch==2.13.0", "accelerate"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },

@@ -76,12 +76,13 @@ def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DE
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)
 
-    @jax.jit
     def init():
         return nnx.split(ctor())[1]
 
     with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)()
+        # Runs once: LLVM's optimisation of the many small random-init kernels costs more than it saves.
+        lowered = jax.jit(init, out_shardings=shardings).lower()
+        state = lowered.compile({"xla_backend_optimization_level": 0})()
     return nnx.merge(graphdef, state)
 
 

@@ -31,9 +31,10 @@ from flax import nnx
 
 from halo_jax.config import ConfigError
 from halo_jax.data import shapes
-from halo_jax.data.pipeline import make_iterator
+from halo_jax.data.pipeline import make_global_iterator
 from halo_jax.data.stores import Field, Schema, StoreReader, StoreWriter
 from halo_jax.diffusion import FlowMatching, SamplerConfig
+from halo_jax.io import atomic_write_text
 from halo_jax.models.text import UMT5Config, UMT5Encoder, build_word_tokenizer, encode_prompts, load_tokenizer, \
     load_umt5, text_embeddings
 from halo_jax.models.text.umt5_params import export_umt5
@@ -89,9 +90,7 @@ def _done(folder: Path) -> bool:
 def _mark_done(folder: Path, info: dict) -> None:
     if distributed.is_main_process():
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "done.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(folder / "done.json")
+        atomic_write_text(folder / "done.json", json.dumps(info, indent=2))
     distributed.barrier(f"pretrain-{folder.name}")
 
 
@@ -122,13 +121,12 @@ def _train(model: nnx.Module, loss_fn, data, batch_shardings, section, steps: in
     return model
 
 
-def _local_batch(global_batch: int, mesh) -> int:
-    """This process's rows of a global batch, which must split over the mesh's ('data', 'fsdp') devices."""
+def _check_batch(global_batch: int, mesh) -> None:
+    """A global batch must split over the mesh's ('data', 'fsdp') devices and the processes."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % shards or global_batch % jax.process_count():
         raise ConfigError(f"batch size {global_batch} does not split over the {shards} ('data', 'fsdp') devices of "
                           f"the mesh and {jax.process_count()} processes; use a multiple of {shards}")
-    return global_batch // jax.process_count()
 
 
 def run(config, workdir: str) -> Path:
@@ -170,8 +168,10 @@ def run(config, workdir: str) -> Path:
                                     latents_std=(1.0,) * cfg.vae.model.z_dim)
                 vae = create_sharded(lambda: WanVAE(vcfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
             source = RenderedVideos(prompts, cfg.vae.num_seeds, frames, height, width, clip_frames=clip)
-            data = make_iterator(source, batch_size=_local_batch(batch, mesh), seed=config.seed + 100 * k + clip,
-                                 num_epochs=None, transform=lambda r: {"video": r["video"]})
+            _check_batch(batch, mesh)
+            data = make_global_iterator(source, global_batch=batch, seed=config.seed + 100 * k + clip,
+                                        rows=distributed.process_local_rows(batch, batch_sharding(mesh, 5)),
+                                        transform=lambda r: {"video": r["video"]})
             loss = functools.partial(vae_loss, kl_weight=cfg.vae.kl_weight, foreground_weight=foreground_weight,
                                      posterior_noise=cfg.vae.posterior_noise)
             vae = _train(vae, loss, data, {"video": batch_sharding(mesh, 5)}, cfg.vae, steps, sub, config,
@@ -239,9 +239,10 @@ def run(config, workdir: str) -> Path:
                                     text_dim=text_encoder.config.d_model)
         dit = create_sharded(lambda: WanTransformer3D(dcfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
         reader = StoreReader(store_dir, on_corrupt="skip")
-        data = make_iterator(reader, batch_size=_local_batch(cfg.dit.batch_size, mesh), seed=config.seed,
-                             num_epochs=None,
-                             transform=lambda r: {"latents": r["latents"], "text": table[r["prompt_index"]]})
+        _check_batch(cfg.dit.batch_size, mesh)
+        data = make_global_iterator(reader, global_batch=cfg.dit.batch_size, seed=config.seed,
+                                    rows=distributed.process_local_rows(cfg.dit.batch_size, batch_sharding(mesh, 5)),
+                                    transform=lambda r: {"latents": r["latents"], "text": table[r["prompt_index"]]})
         diffusion = FlowMatching(shift=cfg.dit.shift, timestep_sampling=cfg.dit.timestep_sampling)
         loss = functools.partial(denoising_loss, diffusion=diffusion, null_text=jnp.asarray(null_text),
                                  text_dropout=cfg.dit.text_dropout)
