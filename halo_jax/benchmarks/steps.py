@@ -111,7 +111,8 @@ def run_steps(c: ConfigDict, log: Callable[[str], None] = print) -> dict:
             state = jax.jit(lambda p: init_train_state(jax.tree.map(jnp.copy, p), tx, 0),
                             out_shardings=shardings)(pure(params))
             batch = jax.device_put(sft_np, bsh)
-            measure("sft", step, (state, batch), lambda out, a: (out[0], a[1]),
+            # The compiled program takes the frozen weights as its third argument (`make_train_step`).
+            measure("sft", step.jitted, (state, batch, step.frozen), lambda out, a: (out[0], *a[1:]),
                     step_flops("sft", fwd_plain, int(c.batch), lora=False))
             del state, step
 
