@@ -89,6 +89,14 @@ def check_batch_size(global_batch: int, step: DPOStep) -> None:
                           f"{step.batch_shards * step.grad_accum * jax.process_count()}")
 
 
+def pair_batches(reader: StoreReader, global_batch: int, seed: int, step: DPOStep):
+    """Endless shuffled batches of pair records for `step`: this process's rows of every global batch
+    (the batches do not depend on the process count)."""
+    check_batch_size(global_batch, step)
+    return make_global_iterator(reader, global_batch=global_batch, seed=seed, transform=_batch_of,
+                                rows=distributed.process_local_rows(global_batch, step.batch_sharding))
+
+
 def export_pipeline(base: Path, folder: Path, transformer: nnx.Module) -> Path:
     """`base` (a diffusers Wan folder) with its transformer replaced by `transformer`: every other
     component is copied byte for byte (what `save_pipeline(pipe, folder, transformer=...)` writes,
@@ -125,10 +133,7 @@ def run(config, workdir: str) -> Path:
                              timestep_sampling=cfg.diffusion.timestep_sampling)
     step = make_dpo_step(model, diffusion, loss_config(config), make_optimizer(cfg), mesh, mode=cfg.mode,
                          grad_accum=int(cfg.grad_accum), rules=rules)
-    # Each process reads its rows of every global batch; the batches do not depend on the process count.
-    check_batch_size(int(cfg.batch_size), step)
-    data = make_global_iterator(reader, global_batch=int(cfg.batch_size), seed=config.seed, transform=_batch_of,
-                                rows=distributed.process_local_rows(int(cfg.batch_size), step.batch_sharding))
+    data = pair_batches(reader, int(cfg.batch_size), config.seed, step)
 
     ckpt = Checkpointer(folder / "ckpt", keep=config.checkpoint.keep, every_steps=config.checkpoint.every_steps)
     if ckpt.latest_step() is not None:
