@@ -255,6 +255,7 @@ def dpo_config() -> ml_collections.ConfigDict:
         "grad_accum": 1,              # micro-batches per step (batch_size must divide by it)
         "max_skipped": 10,            # stop after this many non-finite steps (0: never)
         "on_corrupt": "skip",         # a corrupt pair record: skip (reported) or fail
+        "pairs_dir": "",              # the pair store to train on; empty: WORKDIR/pairs
     })
 
 
@@ -285,6 +286,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "models": {},                 # name -> diffusers Wan folder; empty: the workdir's base_ckpt + dpo_ckpt
         "base": "base",               # the model the others are compared with (win rates)
+        "groups": {},                 # name -> models pooled in the metrics (per-unit mean), e.g. one recipe's seeds
         # prompts, as generate: a tuple, a file (.txt / .jsonl), or a moving-shapes split (first num_prompts)
         "prompts": (), "prompts_file": "", "shapes_split": "heldout", "num_prompts": 8,
         "prompt_selection": "first",  # "first" num_prompts, or "spread": evenly spaced over the list
@@ -293,6 +295,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
         "batch_size": 8,              # videos per sampling call (per process)
         "teacher": "auto",            # "auto" (the oracle if every prompt is a shapes prompt) | "oracle" | "none"
         "reward_model": "",           # a reward-model export (reward_ckpt/) to score with as well; empty: skip
+        "vlm_judge": False,           # also judge with the VLM teacher of config.label.openai (GPT-4o; costs money)
         "bootstrap": 1000,            # bootstrap resamples of the (prompt, seed) units
         "bootstrap_seed": 0,
         "video_format": "mp4",        # videos under evaluate/<model>/videos: "mp4" or "gif"
@@ -304,4 +307,13 @@ def evaluate_config() -> ml_collections.ConfigDict:
         "train_metrics": {},          # name -> train_dpo metrics.jsonl; default: <model folder>/../dpo/metrics.jsonl
         "vbench": False,              # also write VBench-named videos
         "vbench_dir": "",             # empty: WORKDIR/evaluate/vbench
+    })
+
+
+def compare_config() -> ml_collections.ConfigDict:
+    """`config.compare`: stage `compare` (one DPO run per variant and training seed on one pair store, then
+    `evaluate` of the base and every run, each variant's runs pooled). Needs `config.dpo` and `config.evaluate`."""
+    return ml_collections.ConfigDict({
+        "variants": {"diffusion_dpo": 0.0, "gran_dpo": 1.0},  # name -> dpo.loss.patch_weight
+        "seeds": (0, 1, 2),                                    # training seeds (LoRA init, data order, t and noise)
     })

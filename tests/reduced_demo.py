@@ -2,6 +2,8 @@
 
     python -m halo_jax.main --config=tests/reduced_demo.py --workdir=DIR              # every demo stage
     python -m halo_jax.main --config=tests/reduced_demo.py:multihost --workdir=DIR    # up to train_dpo
+    python -m halo_jax.main --config=tests/reduced_demo.py:compare --workdir=DIR \
+        --config.dpo.pairs_dir=DEMO_WORKDIR/pairs                                     # stage compare
 
 2 prompts x 4 samples, 2 sampler steps, 2 + 2 reward steps, 2 DPO steps, then evaluate (2 held-out
 prompts x 1 seed, base vs Gran-DPO, report). Every size is the smallest that still runs each stage's
@@ -14,9 +16,11 @@ evaluate stage's multi-host path (each process samples its share, process 0 merg
 import importlib.util
 from pathlib import Path
 
+from halo_jax.config import compare_config
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("generate", "label", "train_reward", "score", "pairs", "train_dpo", "evaluate")
-VARIANTS = {"": STAGES, "multihost": STAGES[:-1]}
+VARIANTS = {"": STAGES, "multihost": STAGES[:-1], "compare": ("compare",)}
 
 
 def get_config(variant: str = ""):
@@ -27,6 +31,9 @@ def get_config(variant: str = ""):
     spec.loader.exec_module(module)
     config = reduce(module.get_config())
     config.pipeline.stages = VARIANTS[variant]
+    if variant == "compare":  # configs/shapes_halo.py's last stage, one training seed, on the demo's pairs
+        config.compare = compare_config()
+        config.compare.seeds = (0,)
     return config
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,11 @@ def test_pipeline_runs_listed_stages_in_process(tmp_path):
     with pytest.raises(main_lib.UsageError, match="unknown stage 'x'"):
         config.pipeline.stages = ("x",)
         main_lib.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py")
+                                         if not p.name.startswith("bench_")))  # bench configs: tests/test_bench.py
+def test_every_config_builds_with_known_stages(name):
+    """Each configs/*.py of `halo_jax.main` builds and names only registered stages (main.validate's checks)."""
+    config = main_lib._load_defaults(str(Path(__file__).resolve().parents[1] / "configs" / name))
+    main_lib.validate(config, "unused-workdir")

@@ -8,6 +8,8 @@ model, run once as 1 process x 8 CPU devices and once as 2 processes x 4 devices
   ":multihost" variant: evaluate's multi-host path is generate's). It must give the same rollouts,
   labels, scores (float tolerance), pairs and patch maps as the 1 x 8 run, and the same reward-model
   and DPO train losses up to float32 reduction order.
+- When the demo ends, stage `compare` (configs/shapes_halo.py's last stage: Diffusion-DPO and Gran-DPO
+  trained on the demo's pairs, evaluated with the base, each variant pooled) runs on one training seed.
 
 Both runs are subprocesses with the same environment (so the same compiled per-device programs:
 the videos are compared bit for bit) and run concurrently; the full demo is `make demo`. Keep XLA's
@@ -77,9 +79,10 @@ def _finish(proc: subprocess.Popen, log: Path, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Path]:
-    """(workdir of the 1 x 8 demo run, workdir of the 2 x 4 run up to train_dpo), run concurrently."""
-    one, two = tmp_path_factory.mktemp("one_x8"), tmp_path_factory.mktemp("two_x4")
+def all_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Workdirs of the 1 x 8 demo run, of the 2 x 4 run up to train_dpo (run concurrently), and of stage
+    `compare` on the demo's pairs (started when the demo finishes)."""
+    one, two, cmp = (tmp_path_factory.mktemp(n) for n in ("one_x8", "two_x4", "compare"))
     # The 2 x 4 run starts first: its process 0 compiles for both processes, the longest chain.
     multi = _start(["bash", "launch/local.sh", "2", "4", f"--config={CONFIG}:multihost", f"--workdir={two}"],
                    {**_env(4), "PYTHON": sys.executable, "GRACE": "5"}, two / "run.log")
@@ -87,11 +90,22 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
         single = _start([sys.executable, "-m", "halo_jax.main", f"--config={CONFIG}", f"--workdir={one}"], _env(8),
                         one / "run.log")
         _finish(single, one / "run.log", "1 process x 8 devices (the demo)")
+        compare = _start([sys.executable, "-m", "halo_jax.main", f"--config={CONFIG}:compare", f"--workdir={cmp}",
+                          f"--config.dpo.pairs_dir={one / 'pairs'}"], _env(8), cmp / "run.log")
     except BaseException:  # the demo failed: its log is the report; do not wait for the other run
         _kill(multi)
         raise
-    _finish(multi, two / "run.log", "2 processes x 4 devices (launch/local.sh)")
-    return one, two
+    try:
+        _finish(multi, two / "run.log", "2 processes x 4 devices (launch/local.sh)")
+    finally:
+        _finish(compare, cmp / "run.log", "stage compare (reduced)")
+    return one, two, cmp
+
+
+@pytest.fixture(scope="module")
+def runs(all_runs) -> tuple[Path, Path]:
+    """(workdir of the 1 x 8 demo run, workdir of the 2 x 4 run up to train_dpo)."""
+    return all_runs[:2]
 
 
 # ----------------------------------------------------------------------------- the demo (1 x 8)
@@ -265,3 +279,26 @@ def test_gran_dpo_steps_learn_the_demo_pairs(runs):
     assert after["loss"] < 0.5 * before["loss"], (before, after)
     assert after["margin_video"] > 0.0 and after["margin_patch"] > 0.0, (before, after)
     assert after["acc_video"] >= 0.75 and after["acc_patch"] > before["acc_patch"], (before, after)
+
+
+# ----------------------------------------------------------------------------- stage compare (reduced)
+
+
+@pytest.mark.e2e
+def test_compare_trains_each_variant_and_pools_them(all_runs):
+    """configs/shapes_halo.py's last stage on the demo's pairs: one run per variant (its own patch weight, the
+    shared pairs and base), evaluated with the base, each variant pooled; the results table and its targets."""
+    cmp = all_runs[2]
+    for name, weight in (("diffusion_dpo_s0", 0.0), ("gran_dpo_s0", 1.0)):
+        info = json.loads((cmp / "compare" / name / "dpo_ckpt" / "halo_dpo.json").read_text())
+        assert info["loss"]["patch_weight"] == weight and info["base"] == str(SHAPES_WAN), info
+    metrics = json.loads((cmp / "evaluate" / "metrics.json").read_text())
+    assert metrics["groups"] == {"diffusion_dpo": ["diffusion_dpo_s0"], "gran_dpo": ["gran_dpo_s0"]}
+    models = metrics["judges"]["oracle"]["models"]
+    assert list(models) == ["base", "diffusion_dpo_s0", "gran_dpo_s0", "diffusion_dpo", "gran_dpo"]
+    assert models["gran_dpo"]["defect_rate"] == models["gran_dpo_s0"]["defect_rate"]  # a group of one run
+    results = (cmp / "compare" / "results.md").read_text()
+    for row in ("| base | - |", "| diffusion_dpo | 1 |", "| gran_dpo | 1 |", "| gran_dpo_s0 | 1 |"):
+        assert row in results, results
+    assert results.count("| yes |") + results.count("| no |") == 3, results
+    assert (cmp / "evaluate" / "report" / "index.html").exists()

@@ -259,3 +259,80 @@ def test_prompt_selection_first_or_spread():
     assert evaluate_stage.select_prompts(section) == [held[0], held[35], held[69], held[104]] and len(held) == 105
     section.update(prompts=("a", "b", "c"), num_prompts=2)
     assert evaluate_stage.select_prompts(section) == ["a", "c"]
+
+
+def test_groups_pool_runs_and_compare_targets():
+    """evaluate.groups: a group's per-unit value is the mean of its members'; stage compare's targets and table."""
+    from ml_collections import ConfigDict
+
+    from halo_jax.stages import compare
+
+    def record(model, p, score, cells):
+        return {"model": model, "video_id": f"{p}", "prompt": "x", "prompt_index": p, "sample_index": 0, "seed": p,
+                "judges": {"oracle": {"aspects": ["vq"], "grid": [1, 1, 4], "video_scores": {"vq": score},
+                                      "patch_scores": {"vq": [[cells]]}}}}
+
+    runs = {  # model -> per unit (video score, cells); defect = cell < 3
+        "base": [(2.0, [1, 1, 1, 5]), (3.0, [1, 1, 5, 5])],
+        "gran_dpo_s0": [(4.0, [5, 5, 5, 5]), (4.0, [1, 5, 5, 5])],
+        "gran_dpo_s1": [(3.0, [5, 5, 5, 5]), (5.0, [5, 5, 5, 5])],
+        "diffusion_dpo_s0": [(3.0, [1, 1, 5, 5]), (3.0, [1, 1, 5, 5])],
+    }
+    records = [record(m, p, s, c) for m, units in runs.items() for p, (s, c) in enumerate(units)]
+    groups = {"gran_dpo": ["gran_dpo_s0", "gran_dpo_s1"], "diffusion_dpo": ["diffusion_dpo_s0"]}
+    m = compute_metrics(records, list(runs), "base", threshold=3.0, resamples=50, groups=groups)
+    models = m["judges"]["oracle"]["models"]
+    gran = models["gran_dpo"]
+    # per unit, mean over the two runs: scores (3.5, 4.5); defect fractions (0, 1/8); wins vs base (1, 1)
+    assert gran["video_score"]["vq"]["mean"] == pytest.approx(4.0)
+    assert gran["defect_rate"]["overall"]["mean"] == pytest.approx(1 / 16)
+    assert gran["win_rate"]["overall"]["mean"] == 1.0
+    assert models["diffusion_dpo"]["defect_rate"]["vq"] == models["diffusion_dpo_s0"]["defect_rate"]["vq"]
+    assert m["groups"] == groups
+    with pytest.raises(ValueError, match="members"):
+        compute_metrics(records, list(runs), "base", threshold=3.0, groups={"g": ["base"]})
+
+    # base defect rate 5/8 -> gran 1/16 (90% lower); diffusion_dpo 1/2; gran's score 4.0 >= 3.0
+    checks = compare.targets(models, "base")
+    assert [ok for _, ok, _ in checks] == [True, gran["defect_rate"]["overall"]["hi"]
+                                           < models["diffusion_dpo"]["defect_rate"]["overall"]["lo"], True]
+    assert "90% lower" in checks[0][2]
+    config = ConfigDict({"compare": {"variants": {"diffusion_dpo": 0.0, "gran_dpo": 1.0}, "seeds": (0, 1)},
+                         "dpo": {"steps": 10}})
+    plan = {"diffusion_dpo_s0": ("diffusion_dpo", 0, 0.0), "gran_dpo_s0": ("gran_dpo", 0, 1.0),
+            "gran_dpo_s1": ("gran_dpo", 1, 1.0)}
+    text = compare.results_markdown({**m, "base": "base"}, config, plan)
+    lines = text.splitlines()
+    assert lines[4].startswith("| base | - | 2.50") and lines[6].startswith("| gran_dpo | 2 | 4.00")
+    assert "| Gran-DPO lowers the base's patch defect rate by at least 50% | yes | 62.5% -> 6.2% (90% lower) |" in text
+
+
+def test_vlm_judge_against_a_fake_server(monkeypatch):
+    """evaluate.vlm_judge: the VLM teacher of config.label.openai judges each video (OpenAI-compatible server on
+    127.0.0.1); a video it gives up on gets no verdict, so its record stays incomplete and a re-run asks again."""
+    from fake_vlm_server import FakeVLMServer, expected
+    from halo_jax.config import label_config
+    from halo_jax.data import shapes
+
+    config = make_config({})
+    config.label = label_config()
+    grid = tuple(config.grid)
+    server = FakeVLMServer(config.aspects, grid, plan={PROMPTS[1]: ["bad_json", "bad_json"]}, lifetime_s=60).start()
+    try:
+        monkeypatch.setenv("HALO_TEST_VLM_KEY", "sk-halo-test-evaluate")
+        config.label.openai.update(base_url=server.url, api_key_env="HALO_TEST_VLM_KEY", num_frames=2, image_size=48,
+                                   timeout_s=5.0, max_reasks=1, max_retries=1, backoff_base_s=0.01)
+        config.evaluate.update(teacher="none", vlm_judge=True)
+        assert evaluate_stage.judge_names(config.evaluate, PROMPTS) == ["openai_vlm"]
+        judges = evaluate_stage.Judges(config, ["openai_vlm"], batch_size=2)
+        frames = np.stack([shapes.render(p, 1, **VIDEO) for p in PROMPTS])
+        verdicts = judges.judge(frames, PROMPTS, ["base/a", "base/b"])
+    finally:
+        server.stop()
+    video, patch = expected(PROMPTS[0], config.aspects, grid)
+    got = verdicts[0]["openai_vlm"]
+    assert got["video_scores"] == video and got["patch_scores"] == patch and got["grid"] == list(grid)
+    assert got["usage"]["requests"] == 1
+    assert judges.complete({"judges": verdicts[0]}) and "openai_vlm" not in verdicts[1]
+    assert not judges.complete({"judges": verdicts[1]})
+    assert evaluate_stage.vlm_usage([{"judges": v} for v in verdicts])["requests"] == 1

@@ -15,12 +15,13 @@ sample index) every model has:
     win_rate[a]     (aligned models) P(model's score > base's on the same unit), ties 1/2;
                     "overall" compares the mean over aspects
 
-each with a paired bootstrap 95% CI (`stats.py`).
+each with a paired bootstrap 95% CI (`stats.py`). A group of models (e.g. one recipe trained
+with several seeds) gets the same metrics from the per-unit mean of its members' values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -65,12 +66,37 @@ def paired_records(records: Sequence[dict], models: Sequence[str]) -> tuple[list
     return units, {m: [by_model[m][u] for u in units] for m in models}
 
 
+def unit_values(video: np.ndarray, patch: np.ndarray, base_video: np.ndarray | None, aspects: Sequence[str],
+                threshold: float) -> dict[str, dict[str, np.ndarray]]:
+    """Per-unit values of one model: {"video_score" | "defect_rate" | "win_rate" (when `base_video` is given):
+    {aspect | OVERALL: (n,)}} from video scores (n, A) and cell scores (n, A, *grid) (module docstring)."""
+    values = {"video_score": {a: video[:, i] for i, a in enumerate(aspects)},
+              "defect_rate": {a: defect_fraction(patch[:, i], threshold) for i, a in enumerate(aspects)}}
+    values["video_score"][OVERALL] = video.mean(axis=1)
+    values["defect_rate"][OVERALL] = defect_fraction(patch.mean(axis=1), threshold)
+    if base_video is not None:
+        values["win_rate"] = {a: win_indicator(video[:, i], base_video[:, i]) for i, a in enumerate(aspects)}
+        values["win_rate"][OVERALL] = win_indicator(video.mean(axis=1), base_video.mean(axis=1))
+    return values
+
+
 def compute_metrics(records: Sequence[dict], models: Sequence[str], base: str, *, threshold: float,
-                    resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+                    resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                    groups: Mapping[str, Sequence[str]] | None = None) -> dict:
     """`{"units", "bootstrap", "judges": {judge: {"aspects", "models": {model: {metric: {aspect: Estimate
-    dict}}}}}}` (module docstring); `models` lists the base first or anywhere, `base` names it."""
+    dict}}}}}}` (module docstring); `models` lists the base first or anywhere, `base` names it.
+
+    `groups` (name -> member models, e.g. one training recipe's runs with different seeds) adds one
+    entry per group whose per-unit value is the mean of its members' per-unit values (a unit's
+    defect rate, say, averaged over the training seeds), bootstrapped over the same units.
+    """
     if base not in models:
         raise ValueError(f"base model {base!r} is not among the evaluated models {list(models)}")
+    groups = {str(g): list(m) for g, m in (groups or {}).items()}
+    for g, members in groups.items():
+        if g in models or not members or any(m not in models or m == base for m in members):
+            raise ValueError(f"group {g!r}: members {members} must be evaluated models other than the base "
+                             f"{base!r}, and the group's name must not be a model's (models: {list(models)})")
     order = [base] + [m for m in models if m != base]
     units, paired = paired_records(records, order)
     idx = bootstrap_indices(len(units), resamples, seed)
@@ -78,6 +104,8 @@ def compute_metrics(records: Sequence[dict], models: Sequence[str], base: str, *
     out = {"units": len(units), "defect_threshold": float(threshold),
            "bootstrap": {"resamples": int(resamples), "seed": int(seed), "level": level, "unit": "(prompt, seed)"},
            "judges": {}}
+    if groups:
+        out["groups"] = groups
     for judge in judges:
         arrays = {m: judge_arrays(paired[m], judge) for m in order}
         aspects = arrays[base][0]
@@ -85,23 +113,14 @@ def compute_metrics(records: Sequence[dict], models: Sequence[str], base: str, *
             if arrays[m][0] != aspects:
                 raise ValueError(f"judge {judge!r} scored {m!r} over aspects {arrays[m][0]} but {base!r} over "
                                  f"{aspects}; re-judge with one set of aspects")
-        result = {}
-        for m in order:
-            _, video, patch = arrays[m]
-            entry = {"video_score": {}, "defect_rate": {}}
-            for i, a in enumerate(aspects):
-                entry["video_score"][a] = bootstrap_mean(video[:, i], idx, level).to_dict()
-                entry["defect_rate"][a] = bootstrap_mean(defect_fraction(patch[:, i], threshold), idx, level).to_dict()
-            entry["video_score"][OVERALL] = bootstrap_mean(video.mean(axis=1), idx, level).to_dict()
-            entry["defect_rate"][OVERALL] = bootstrap_mean(defect_fraction(patch.mean(axis=1), threshold), idx,
-                                                           level).to_dict()
-            if m != base:
-                _, bvideo, _ = arrays[base]
-                entry["win_rate"] = {a: bootstrap_mean(win_indicator(video[:, i], bvideo[:, i]), idx, level).to_dict()
-                                     for i, a in enumerate(aspects)}
-                entry["win_rate"][OVERALL] = bootstrap_mean(
-                    win_indicator(video.mean(axis=1), bvideo.mean(axis=1)), idx, level).to_dict()
-            result[m] = entry
+        base_video = arrays[base][1]
+        values = {m: unit_values(arrays[m][1], arrays[m][2], None if m == base else base_video, aspects, threshold)
+                  for m in order}
+        for g, members in groups.items():
+            values[g] = {metric: {a: np.mean([values[m][metric][a] for m in members], axis=0) for a in by_aspect}
+                         for metric, by_aspect in values[members[0]].items()}
+        result = {m: {metric: {a: bootstrap_mean(x, idx, level).to_dict() for a, x in by_aspect.items()}
+                      for metric, by_aspect in v.items()} for m, v in values.items()}
         out["judges"][judge] = {"aspects": aspects, "grid": paired[base][0]["judges"][judge].get("grid"),
                                 "models": result}
     return out

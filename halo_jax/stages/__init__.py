@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "pairs": "halo_jax.stages.pairs",
     "train_dpo": "halo_jax.stages.train_dpo",
     "evaluate": "halo_jax.stages.evaluate",
+    "compare": "halo_jax.stages.compare",
 }
 PIPELINE = "pipeline"
 

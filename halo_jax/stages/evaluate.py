@@ -3,7 +3,8 @@
     for each model (config.evaluate.models: name -> diffusers Wan folder; base first):
         for each unit (prompt p, sample k), seed = sample_seed(seed, p, k)  (as `generate`):
             video -> evaluate/{model}/videos/{video_id}.mp4 (or .gif)
-            judges (the oracle on shapes-world prompts; the reward model if given)
+            judges (the oracle on shapes-world prompts; the reward model if given; the VLM teacher,
+                    e.g. GPT-4o, with evaluate.vlm_judge: a video it gives up on is asked again on a re-run)
                   -> evaluate/{model}/records/{video_id}.json   (written atomically, after the video)
     evaluate/scores.jsonl   every record, merged (one line per video)
     evaluate/metrics.json   per judge, model and aspect: mean video score, patch defect rate,
@@ -26,17 +27,20 @@ Prompts: `evaluate.prompts` / `prompts_file` / `shapes_split` (default "heldout"
 Default models (empty `evaluate.models`): "base" = `config.model.path` or WORKDIR/base_ckpt,
 plus WORKDIR/dpo_ckpt when a train_dpo stage exported it, named "diffusion_dpo" when its
 `halo_dpo.json` records `loss.patch_weight == 0`, else "gran_dpo". A path may contain
-"{workdir}", replaced by the run's workdir.
+"{workdir}", replaced by the run's workdir. `evaluate.groups` (name -> models) adds pooled rows:
+per unit, the mean of the members' values (one recipe trained with several seeds).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from halo_jax.config import ConfigError
@@ -50,7 +54,7 @@ from halo_jax.parallel import distributed
 from halo_jax.stages.generate import model_path, resolve_prompts, sample_seed, sampling_mesh
 from halo_jax.train.metrics import Progress
 
-ORACLE, REWARD = "oracle", "reward_model"
+ORACLE, REWARD, VLM = "oracle", "reward_model", "openai_vlm"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -81,6 +85,16 @@ def resolve_models(config, workdir: str) -> dict[str, Path]:
     return {base: models[base], **{k: models[k] for k in sorted(models) if k != base}}
 
 
+def check_groups(section, models: dict[str, Path]) -> None:
+    """`evaluate.groups` (name -> member models, pooled in the metrics) must name evaluated non-base models."""
+    for group, members in dict(section.groups).items():
+        bad = [m for m in members if m not in models or m == section.base]
+        if group in models or not members or bad:
+            raise ConfigError(f"evaluate.groups[{group!r}] = {list(members)}: members must be evaluated models other "
+                              f"than the base {section.base!r} (models: {list(models)}), and a group may not be "
+                              "named like a model")
+
+
 def aligned_name(folder: Path) -> str:
     """"diffusion_dpo" or "gran_dpo" from a train_dpo export's halo_dpo.json (patch_weight 0 or not)."""
     try:
@@ -107,7 +121,8 @@ def select_prompts(section) -> list[str]:
 
 
 def judge_names(section, prompts: list[str]) -> list[str]:
-    """The judges to run: the oracle (teacher "oracle", or "auto" with only shapes-world prompts), the reward model."""
+    """The judges to run: the oracle (teacher "oracle", or "auto" with only shapes-world prompts), the reward model,
+    the OpenAI-compatible VLM teacher of `config.label.openai` (GPT-4o) with `evaluate.vlm_judge`."""
     if section.teacher not in ("auto", "oracle", "none"):
         raise ConfigError(f"evaluate.teacher must be 'auto', 'oracle' or 'none', got {section.teacher!r}")
     judges = []
@@ -125,6 +140,8 @@ def judge_names(section, prompts: list[str]) -> list[str]:
                               "(use evaluate.teacher='auto' or 'none', or a reward model)")
     if section.reward_model:
         judges.append(REWARD)
+    if section.vlm_judge:
+        judges.append(VLM)
     return judges
 
 
@@ -172,6 +189,17 @@ class Judges:
             self.reward_path, self.rules, self.batch_size = path, config.sharding.rules, batch_size
             self.scorer = None  # loaded on first use: a resumed run with nothing to judge never loads it
             self.ids[REWARD] = {"path": str(path.resolve())}
+        if VLM in names:
+            from halo_jax.stages.label import vlm_teacher
+
+            if "label" not in config:
+                raise ConfigError("evaluate.vlm_judge needs config.label (halo_jax.config.label_config()): its "
+                                  "`openai` section names the model, endpoint and API-key variable")
+            self.vlm = vlm_teacher(config)
+            self.vlm_concurrency = max(1, int(config.label.concurrency))
+            self.ids[VLM] = {"model": self.vlm.model, "prompt_version": self.vlm.prompt_version,
+                             "base_url": self.vlm.config.base_url, "aspects": list(config.aspects),
+                             "grid": list(config.grid)}
 
     def _load_reward(self) -> None:
         from halo_jax.reward.model_io import load_reward_model
@@ -185,7 +213,23 @@ class Judges:
         cfg = loaded.model.config
         self.reward_aspects, self.reward_grid = list(cfg.aspects), list(cfg.grid)
 
-    def judge(self, frames: np.ndarray, prompts: list[str]) -> list[dict]:
+    async def _vlm_labels(self, frames: np.ndarray, prompts: list[str], video_ids: list[str]) -> list:
+        """The VLM teacher's records (or the exception it gave up with), `vlm_concurrency` requests in flight."""
+        gate = asyncio.Semaphore(self.vlm_concurrency)
+
+        async def one(fr, prompt, vid):
+            async with gate:
+                return await self.vlm.alabel(fr, prompt, vid)
+
+        try:
+            return await asyncio.gather(*(one(f, p, v) for f, p, v in zip(frames, prompts, video_ids)),
+                                        return_exceptions=True)
+        finally:
+            await self.vlm.aclose()
+
+    def judge(self, frames: np.ndarray, prompts: list[str], video_ids: list[str] | None = None) -> list[dict]:
+        """{judge: entry} per video. A video the VLM teacher gives up on gets no VLM entry (logged): its record
+        stays incomplete, so a re-run of the stage asks again for that video only."""
         out = [{} for _ in prompts]
         if ORACLE in self.names:
             for o, fr, p in zip(out, frames, prompts):
@@ -204,6 +248,19 @@ class Judges:
                              "video_scores": {a: round(float(x), 4) for a, x in zip(self.reward_aspects, v)},
                              "patch_scores": {a: np.round(pt[i].astype(np.float64), 4).tolist()
                                               for i, a in enumerate(self.reward_aspects)}}
+        if VLM in self.names:
+            from halo_jax.teachers.base import LabelFailure
+
+            ids = video_ids or [f"video-{i}" for i in range(len(prompts))]
+            for o, label, vid in zip(out, asyncio.run(self._vlm_labels(frames, prompts, ids)), ids):
+                if isinstance(label, LabelFailure):
+                    logging.warning("evaluate: the VLM judge gave up on %s (%s): %s", vid, label.kind, label.reason)
+                    continue
+                if isinstance(label, BaseException):
+                    raise label
+                o[VLM] = {"id": self.ids[VLM], "aspects": label["aspects"], "grid": label["grid"],
+                          "video_scores": label["video_scores"], "patch_scores": label["patch_scores"],
+                          "usage": label.get("usage", {})}
         return out
 
     def complete(self, record: dict) -> bool:
@@ -248,6 +305,7 @@ def run(config, workdir: str) -> Path:
     out = Path(workdir) / "evaluate"
     prompts = select_prompts(e)
     models = resolve_models(config, workdir)
+    check_groups(e, models)
     names = judge_names(e, prompts)
     seed = int(config.seed) if int(e.seed) < 0 else int(e.seed)
     units = [(p, k) for p in range(len(prompts)) for k in range(int(e.samples_per_prompt))]
@@ -293,7 +351,8 @@ def run(config, workdir: str) -> Path:
             seeds = [sample_seed(seed, p, k) for p, k in padded]
             _, frames = gen.generate([prompts[p] for p, _ in padded], seeds)
             frames = frames[:len(items)]
-            verdicts = judges.judge(frames, [prompts[p] for p, _ in items])
+            verdicts = judges.judge(frames, [prompts[p] for p, _ in items],
+                                    [f"{name}/{RolloutRecord.make_id(p, k)}" for p, k in items])
             for (p, k), fr, verdict in zip(items, frames, verdicts):
                 vid = RolloutRecord.make_id(p, k)
                 rel = f"{name}/videos/{vid}.{e.video_format}"
@@ -309,6 +368,16 @@ def run(config, workdir: str) -> Path:
         finish(config, out, models, prompts, units, names, generated)
     distributed.barrier("evaluate")
     return out
+
+
+def vlm_usage(records: list[dict]) -> dict:
+    """The VLM judge's summed usage (tokens, requests, USD) over the verdicts in `records`."""
+    total: dict[str, float] = {}
+    for r in records:
+        for k, v in r["judges"].get(VLM, {}).get("usage", {}).items():
+            if isinstance(v, (int, float)):
+                total[k] = total.get(k, 0) + v
+    return total
 
 
 def collect(out: Path, models: dict[str, Path], units: list[tuple[int, int]]) -> list[dict]:
@@ -330,16 +399,22 @@ def finish(config, out: Path, models: dict[str, Path], prompts: list[str], units
     e = config.evaluate
     base = e.base
     records = collect(out, models, units)
+    unjudged = [f"{r['model']}/{r['video_id']}" for r in records if not all(j in r["judges"] for j in judge_list)]
+    if unjudged:
+        raise RuntimeError(f"evaluate: {len(unjudged)} videos lack a judge's verdict (e.g. {unjudged[:3]}; the log "
+                           "says why the teacher gave up); re-run the stage: it asks again for those videos only")
     atomic_write_text(out / "scores.jsonl",
                       "".join(json.dumps({k: v for k, v in r.items() if k != "settings"}) + "\n" for r in records))
     metrics = {"models": {n: str(p) for n, p in models.items()}, "base": base, "prompts": prompts,
                "samples_per_prompt": int(e.samples_per_prompt),
                "seed": int(config.seed) if int(e.seed) < 0 else int(e.seed),
                "video": dict(config.video), "sampler": dict(config.sampler), "judges_run": judge_list,
+               **({"vlm_usage": vlm_usage(records)} if VLM in judge_list else {}),
                "generated_this_run": generated}
     if judge_list:
         metrics.update(compute_metrics(records, list(models), base, threshold=float(config.defect_threshold),
-                                       resamples=int(e.bootstrap), seed=int(e.bootstrap_seed)))
+                                       resamples=int(e.bootstrap), seed=int(e.bootstrap_seed),
+                                       groups={g: list(m) for g, m in dict(e.groups).items()}))
         table = format_table(metrics, base)
     else:
         table = "evaluate: no judge ran (evaluate.teacher='none' and no evaluate.reward_model): videos only"

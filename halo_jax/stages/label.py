@@ -30,11 +30,17 @@ def make_teacher(config):
 
         return OracleTeacher(aspects=aspects, grid=grid)
     if config.label.teacher == "openai_vlm":
-        from halo_jax.teachers.openai_vlm import OpenAIVLMConfig, OpenAIVLMTeacher
-
-        return OpenAIVLMTeacher(OpenAIVLMConfig.from_mapping({**config.label.openai.to_dict(), "aspects": aspects,
-                                                              "grid": grid}))
+        return vlm_teacher(config)
     raise ConfigError(f"label.teacher={config.label.teacher!r}; choose one of {TEACHERS}")
+
+
+def vlm_teacher(config):
+    """The OpenAI-compatible VLM teacher of `config.label.openai` (GPT-4o by default) with the run's aspects and grid;
+    stage `evaluate` judges with it too (`evaluate.vlm_judge`)."""
+    from halo_jax.teachers.openai_vlm import OpenAIVLMConfig, OpenAIVLMTeacher
+
+    return OpenAIVLMTeacher(OpenAIVLMConfig.from_mapping({**config.label.openai.to_dict(),
+                                                          "aspects": tuple(config.aspects), "grid": tuple(config.grid)}))
 
 
 def run(config, workdir: str, rollouts: Path | None = None, out: Path | None = None) -> dict:

@@ -1,5 +1,7 @@
 """Stage `train_dpo`: Gran-DPO (or Diffusion-DPO, `dpo.loss.patch_weight = 0`) on `pairs/` -> `dpo_ckpt/`.
 
+The pairs are WORKDIR/pairs, or `dpo.pairs_dir` (stage `compare` trains several runs on one store).
+
     base pipeline (config.model.path or WORKDIR/base_ckpt)
       -> LoRA adapters on the DiT (`dpo.mode = "lora"`; reference = adapters off)
          or the whole DiT trainable (`"full"`; reference = a frozen copy)
@@ -114,7 +116,7 @@ def run(config, workdir: str) -> Path:
     if (out / "model_index.json").exists():
         logging.info("train_dpo: %s already exists; nothing to do (delete it to train again)", out)
         return out
-    reader = check_pair_store(root / STORE_NAME, config)
+    reader = check_pair_store(Path(cfg.pairs_dir) if cfg.pairs_dir else root / STORE_NAME, config)
     if cfg.mode not in ("lora", "full"):
         raise ConfigError(f"dpo.mode must be 'lora' or 'full', got {cfg.mode!r}")
 
