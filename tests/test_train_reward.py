@@ -211,3 +211,21 @@ def test_bad_labels_are_rejected_with_id_and_reason(tmp_path):
     config.reward.on_bad_label = "fail"
     with pytest.raises(ConfigError, match=r"p000000-s001.*missing aspect"):
         train_reward.gather_examples(config, str(tmp_path), tmp_path / "reward")
+
+
+def test_synthetic_videos_with_mismatched_prompts(tmp_path):
+    """reward.synthetic.mismatch_fraction: a video is stored with an altered prompt (one attribute changed),
+    keeps the prompt it was rendered from, and its oracle text alignment is the mismatched one."""
+    from halo_jax.reward import data as rdata
+
+    aspects = ("visual_quality", "text_alignment")
+    kwargs = dict(seed=3, clip_shape=CLIP, grid=(1, 2, 2), aspects=aspects, videos_per_prompt=2, max_defects=0)
+    rdata.synthesize(tmp_path / "all", 4, mismatch_fraction=1.0, **kwargs)
+    rdata.synthesize(tmp_path / "none", 4, mismatch_fraction=0.0, **kwargs)
+    mismatched, matched = StoreReader(tmp_path / "all"), StoreReader(tmp_path / "none")
+    for i in range(4):
+        m, c = mismatched[i], matched[i]
+        assert m["rendered_prompt"] == c["prompt"] == c["rendered_prompt"] and m["prompt"] != m["rendered_prompt"]
+        np.testing.assert_array_equal(m["frames"], c["frames"])  # the same render, judged against another text
+        assert c["label"]["video_scores"]["text_alignment"] >= 4.9
+        assert m["label"]["video_scores"]["text_alignment"] < 4.0

@@ -488,6 +488,24 @@ def _split() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(train), tuple(heldout)
 
 
+def altered_prompt(scene_or_prompt: Scene | str, rng: np.random.Generator) -> str:
+    """The prompt with one attribute of one object changed to another valid value (drawn from `rng`): its
+    colour (to one no other object has), its shape or its motion. A video of the original prompt judged
+    against this one is misaligned in exactly that attribute."""
+    scene = as_scene(scene_or_prompt)
+    i = int(rng.integers(len(scene.objects)))
+    obj = scene.objects[i]
+    taken = {o.colour for o in scene.objects}
+    choices = {"colour": [c for c in OBJECT_COLOURS if c not in taken],
+               "shape": [x for x in SHAPES if x != obj.shape],
+               "motion": [m for m in MOTIONS if m != obj.motion]}
+    attribute = ("colour", "shape", "motion")[int(rng.integers(3))]
+    value = choices[attribute][int(rng.integers(len(choices[attribute])))]
+    changed = dataclasses.replace(obj, **{attribute: value})
+    objects = scene.objects[:i] + (changed,) + scene.objects[i + 1:]
+    return Scene(objects, scene.background).prompt
+
+
 def train_prompts() -> tuple[str, ...]:
     """The fixed training prompts: no object in them is a held-out triple."""
     return _split()[0]

@@ -184,7 +184,8 @@ def synthetic_schema(clip_shape: Sequence[int]):
 
     f, h, w = (int(x) for x in clip_shape)
     return Schema("reward_synthetic", "video_id", (
-        Field("video_id", "str"), Field("prompt", "str"), Field("seed", "int"), Field("defects", "json"),
+        Field("video_id", "str"), Field("prompt", "str"), Field("rendered_prompt", "str"), Field("seed", "int"),
+        Field("defects", "json"),
         Field("label", "json"), Field.array("frames", np.uint8, (f, h, w, 3))))
 
 
@@ -208,9 +209,15 @@ def synthetic_plan(n: int, seed: int, videos_per_prompt: int) -> list[tuple[str,
 
 def synthesize(store_dir: str | os.PathLike, n: int, *, seed: int, clip_shape: Sequence[int], grid: Sequence[int],
                aspects: Sequence[str], videos_per_prompt: int = 4, max_defects: int = 3,
-               kinds: Sequence[str] | None = None, process_index: int = 0, process_count: int = 1, chunk_size: int = 64,
+               kinds: Sequence[str] | None = None, mismatch_fraction: float = 0.0, process_index: int = 0,
+               process_count: int = 1, chunk_size: int = 64,
                progress: Callable[[int], None] | None = None) -> tuple[int, list[tuple[str, str]]]:
     """Render, corrupt and oracle-label this process's share of the N synthetic videos into a store.
+
+    A `mismatch_fraction` of the videos is labelled (and stored) with `shapes.altered_prompt` of the
+    prompt it was rendered from (kept as `rendered_prompt`): one object's colour, shape or motion
+    differs, so the oracle's text alignment (and the cells it touches) drops there. Without such
+    videos every text-alignment label comes from local defects alone and the text is barely needed.
 
     Deterministic: video i depends only on (seed, i). Ids already in the store are skipped
     (resume). A video the oracle cannot judge is left out and listed. Returns (videos
@@ -234,12 +241,15 @@ def synthesize(store_dir: str | os.PathLike, n: int, *, seed: int, clip_shape: S
             clean = shapes.render(prompt, s, f, h, w)
             frames, applied = defects.random_defects(clean, prompt, grid, s, max_defects=max_defects,
                                                      kinds=tuple(kinds or defects.KINDS))
+            rng = np.random.default_rng([s, 91])
+            label_prompt = shapes.altered_prompt(prompt, rng) if rng.random() < mismatch_fraction else prompt
             try:
-                label = teacher.label(frames, prompt, vid)
+                label = teacher.label(frames, label_prompt, vid)
             except Exception as e:  # noqa: BLE001 -- one unjudgeable video must not stop the run
                 failures.append((vid, f"the oracle could not label it ({type(e).__name__}: {e})"))
                 continue
-            writer.write({"video_id": vid, "prompt": prompt, "seed": s, "label": label, "frames": frames,
+            writer.write({"video_id": vid, "prompt": label_prompt, "rendered_prompt": prompt, "seed": s, "label": label,
+                          "frames": frames,
                           "defects": [{"kind": d.kind, "cells": [list(c) for c in d.cells]} for d in applied]})
             written += 1
             if progress is not None:

@@ -77,7 +77,8 @@ def _synthetic(config, root: Path, clip: tuple, aspects: tuple, grid: tuple):
     s = r.synthetic
     folder = root / "synthetic"
     plan = {"seed": int(s.seed), "videos_per_prompt": int(s.videos_per_prompt), "max_defects": int(s.max_defects),
-            "kinds": list(s.kinds), "clip": list(clip), "grid": list(grid), "aspects": list(aspects)}
+            "kinds": list(s.kinds), "mismatch_fraction": float(s.mismatch_fraction), "clip": list(clip),
+            "grid": list(grid), "aspects": list(aspects)}
     stored = _read_json(folder / "plan.json")
     if stored is not None and stored != plan:
         raise ConfigError(f"{folder} was made with {stored}, the config now asks for {plan}; delete {folder} to "
@@ -90,6 +91,7 @@ def _synthetic(config, root: Path, clip: tuple, aspects: tuple, grid: tuple):
     written, failures = rdata.synthesize(
         folder, r.synthetic_videos, seed=s.seed, clip_shape=clip, grid=grid, aspects=aspects,
         videos_per_prompt=s.videos_per_prompt, max_defects=s.max_defects, kinds=tuple(s.kinds) or None,
+        mismatch_fraction=float(s.mismatch_fraction),
         process_index=jax.process_index(), process_count=jax.process_count(), chunk_size=s.chunk_size,
         progress=progress.update)
     if written:
