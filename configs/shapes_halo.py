@@ -3,8 +3,8 @@
     python -m halo_jax.main --config=configs/shapes_halo.py --workdir=workdir/shapes_halo
 
 The demo's pipeline (configs/demo.py: shipped tiny Wan model, oracle labels, reward model, pairs) on
-more prompts, then stage `compare`: Diffusion-DPO (`patch_weight = 0`) and Gran-DPO (`patch_weight = 1`)
-trained on the same pairs with the same steps and training seeds 0, 1, 2, and evaluated on 24
+64 training prompts x 4 samples, then stage `compare`: Diffusion-DPO (`patch_weight = 0`) and Gran-DPO
+(`patch_weight = 1`) trained on the same pairs for 200 steps each with training seeds 0, 1, 2, evaluated on 24
 held-out prompts x 4 sampling seeds (the same for every model) by the oracle. Prints and writes
 WORKDIR/compare/results.md (the table and whether its targets are met) and the HTML report under
 WORKDIR/evaluate/report/. Resumable.
@@ -24,7 +24,8 @@ def get_config():
     spec.loader.exec_module(demo)
     config = demo.get_config()
     config.pipeline.stages = STAGES
-    config.generate.update(num_prompts=32, samples_per_prompt=4)
+    config.generate.update(num_prompts=64, samples_per_prompt=4)  # 256 rollouts -> up to 128 pairs
+    config.dpo.steps = 200
     config.compare = compare_config()  # diffusion_dpo (patch_weight 0) and gran_dpo (1), seeds 0, 1, 2
     config.evaluate.update(num_prompts=24, samples_per_prompt=4)
     return config

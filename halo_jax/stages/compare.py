@@ -106,7 +106,8 @@ def targets(models: dict, base_name: str) -> list[tuple[str, bool, str]]:
     cut = 1.0 - gd["mean"] / bd["mean"] if bd["mean"] > 0 else 0.0
     return [
         ("Gran-DPO lowers the base's patch defect rate by at least 50%", cut >= 0.5,
-         f"{100 * bd['mean']:.1f}% -> {100 * gd['mean']:.1f}% ({100 * cut:.0f}% lower)"),
+         f"{100 * bd['mean']:.1f}% -> {100 * gd['mean']:.1f}% "
+         + (f"({100 * cut:.0f}% lower)" if cut >= 0 else f"({-100 * cut:.0f}% higher)")),
         ("Gran-DPO's defect rate is below Diffusion-DPO's, 95% CIs not overlapping", gd["hi"] < pd["lo"],
          f"{_ci(gd, True)} vs {_ci(pd, True)}"),
         ("Gran-DPO's mean video score is not below Diffusion-DPO's", gs["mean"] >= ps["mean"],
