@@ -126,23 +126,30 @@ def compute_metrics(records: Sequence[dict], models: Sequence[str], base: str, *
     return out
 
 
-def _ci(e: dict, percent: bool = False) -> str:
+def format_estimate(e: dict, percent: bool = False) -> str:
+    """"mean [lo, hi]" of an Estimate dict, as a score (2 decimals) or a percentage (1 decimal)."""
     f = (lambda x: f"{100 * x:.1f}") if percent else (lambda x: f"{x:.2f}")
     return f"{f(e['mean'])} [{f(e['lo'])}, {f(e['hi'])}]" + ("%" if percent else "")
+
+
+def table_header(aspects: Sequence[str], base: str) -> list[str]:
+    return ["model", "score [95% CI]", *(SHORT.get(a, a[:8]) for a in aspects), "defects [95% CI]",
+            f"win vs {base} [95% CI]"]
+
+
+def table_row(name: str, e: dict, aspects: Sequence[str]) -> list[str]:
+    """One model's row of `table_header`: overall score, per-aspect means, defect rate, win rate ("-" for the base)."""
+    win = format_estimate(e["win_rate"][OVERALL], percent=True) if "win_rate" in e else "-"
+    return [name, format_estimate(e["video_score"][OVERALL]), *(f"{e['video_score'][a]['mean']:.2f}" for a in aspects),
+            format_estimate(e["defect_rate"][OVERALL], percent=True), win]
 
 
 def format_table(metrics: dict, base: str) -> str:
     """A compact text table per judge: overall score, per-aspect means, defect rate, win rate vs base."""
     lines = []
     for judge, j in metrics["judges"].items():
-        aspects = j["aspects"]
-        names = [SHORT.get(a, a[:8]) for a in aspects]
-        header = ["model", "score [95% CI]", *names, "defects [95% CI]", f"win vs {base} [95% CI]"]
-        rows = []
-        for m, e in j["models"].items():
-            win = _ci(e["win_rate"][OVERALL], percent=True) if "win_rate" in e else "-"
-            rows.append([m, _ci(e["video_score"][OVERALL]), *(f"{e['video_score'][a]['mean']:.2f}" for a in aspects),
-                         _ci(e["defect_rate"][OVERALL], percent=True), win])
+        header = table_header(j["aspects"], base)
+        rows = [table_row(m, e, j["aspects"]) for m, e in j["models"].items()]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         lines.append(f"{judge}: {metrics['units']} (prompt, seed) units per model; defect = cell score < "
                      f"{metrics['defect_threshold']:g}; scores in [1, 5]")

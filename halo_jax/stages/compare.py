@@ -28,7 +28,7 @@ from pathlib import Path
 from absl import logging
 
 from halo_jax.config import ConfigError
-from halo_jax.eval.metrics import OVERALL, SHORT
+from halo_jax.eval.metrics import OVERALL, format_estimate, table_header, table_row
 from halo_jax.io import atomic_write_text
 from halo_jax.parallel import distributed
 from halo_jax.stages import evaluate, train_dpo
@@ -90,11 +90,6 @@ def run(config, workdir: str) -> Path:
     return out
 
 
-def _ci(e: dict, percent: bool = False) -> str:
-    f = (lambda x: f"{100 * x:.1f}%") if percent else (lambda x: f"{x:.2f}")
-    return f"{f(e['mean'])} [{f(e['lo'])}, {f(e['hi'])}]"
-
-
 def targets(models: dict, base_name: str) -> list[tuple[str, bool, str]]:
     """(target, met, the figures) of the module docstring's targets from the metrics of each model and variant;
     empty unless both variants were run."""
@@ -109,7 +104,7 @@ def targets(models: dict, base_name: str) -> list[tuple[str, bool, str]]:
          f"{100 * bd['mean']:.1f}% -> {100 * gd['mean']:.1f}% "
          + (f"({100 * cut:.0f}% lower)" if cut >= 0 else f"({-100 * cut:.0f}% higher)")),
         ("Gran-DPO's defect rate is below Diffusion-DPO's, 95% CIs not overlapping", gd["hi"] < pd["lo"],
-         f"{_ci(gd, True)} vs {_ci(pd, True)}"),
+         f"{format_estimate(gd, True)} vs {format_estimate(pd, True)}"),
         ("Gran-DPO's mean video score is not below Diffusion-DPO's", gs["mean"] >= ps["mean"],
          f"{gs['mean']:.3f} vs {ps['mean']:.3f}"),
     ]
@@ -126,15 +121,13 @@ def results_markdown(metrics: dict, config, plan: dict) -> str:
     base = metrics["base"]
     variants = list(dict(config.compare.variants))
     order = [base, *variants, *plan]
-    header = ["model", "runs", "video score [95% CI]", *(SHORT.get(a, a) for a in aspects),
-              "patch defect rate [95% CI]", f"win rate vs {base} [95% CI]"]
+    header = table_header(aspects, base)
+    header.insert(1, "runs")
     rows = []
     for name in order:
-        e = j["models"][name]
         n_runs = "-" if name == base else str(sum(v == name for v, _, _ in plan.values())) if name in variants else "1"
-        rows.append([name, n_runs, _ci(e["video_score"][OVERALL]), *(f"{e['video_score'][a]['mean']:.2f}" for a in aspects),
-                     _ci(e["defect_rate"][OVERALL], True),
-                     _ci(e["win_rate"][OVERALL], True) if "win_rate" in e else "-"])
+        row = table_row(name, j["models"][name], aspects)
+        rows.append([row[0], n_runs, *row[1:]])
     c = config.compare
     lines = [f"Results ({judge} judge; {metrics['units']} held-out (prompt, seed) units per model, "
              f"defect = cell score < {metrics['defect_threshold']:g}; variants pool training seeds {list(c.seeds)}, "
