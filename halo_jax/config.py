@@ -118,9 +118,6 @@ def pretrain_config() -> ml_collections.ConfigDict:
             "model": {"patch_size": (1, 2, 2), "num_attention_heads": 4, "attention_head_dim": 24, "ffn_dim": 256,
                       "freq_dim": 64, "num_layers": 4},
             "shift": 1.0, "timestep_sampling": "logit_normal", "text_dropout": 0.1,
-            # extra loss weight on latent positions off their clip's per-channel median by more than the
-            # tolerance (in normalised units: the few positions that hold objects); 0: plain MSE
-            "foreground_weight": 0.0, "foreground_tolerance": 1.0,
             **_training(steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=100),
         },
         "sampler": {"name": "unipc", "shift": 3.0},

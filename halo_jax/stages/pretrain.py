@@ -245,8 +245,7 @@ def run(config, workdir: str) -> Path:
                                     transform=lambda r: {"latents": r["latents"], "text": table[r["prompt_index"]]})
         diffusion = FlowMatching(shift=cfg.dit.shift, timestep_sampling=cfg.dit.timestep_sampling)
         loss = functools.partial(denoising_loss, diffusion=diffusion, null_text=jnp.asarray(null_text),
-                                 text_dropout=cfg.dit.text_dropout, foreground_weight=cfg.dit.foreground_weight,
-                                 foreground_tolerance=cfg.dit.foreground_tolerance)
+                                 text_dropout=cfg.dit.text_dropout)
         dit = _train(dit, loss, data, {"latents": batch_sharding(mesh, 5), "text": batch_sharding(mesh, 3)},
                      cfg.dit, cfg.dit.steps, dit_dir, config, "pretrain/dit")
         if distributed.is_main_process():

@@ -27,13 +27,8 @@ import jax.numpy as jnp
 
 
 def denoising_loss(model: Any, batch: dict, key: jax.Array, *, diffusion: Any,
-                   null_text: jax.Array | None = None, text_dropout: float = 0.0, foreground_weight: float = 0.0,
-                   foreground_tolerance: float = 1.0) -> tuple[jax.Array, dict]:
-    """`batch`: latents (B, C, F, H, W), text (B, L, D); `model(x_t, t, text)` predicts the target.
-
-    Per video: sum(w * (pred - target)^2) / sum(w * C) with w = `foreground_weights(x0, foreground_weight,
-    foreground_tolerance)` (1 everywhere when foreground_weight is 0: the plain mean squared error).
-    """
+                   null_text: jax.Array | None = None, text_dropout: float = 0.0) -> tuple[jax.Array, dict]:
+    """`batch`: latents (B, C, F, H, W), text (B, L, D); `model(x_t, t, text)` predicts the target."""
     x0 = batch["latents"].astype(jnp.float32)
     text = batch["text"]
     b = x0.shape[0]
@@ -44,15 +39,12 @@ def denoising_loss(model: Any, batch: dict, key: jax.Array, *, diffusion: Any,
         drop = jax.random.bernoulli(k_drop, text_dropout, (b, 1, 1))
         text = jnp.where(drop, null_text[None].astype(text.dtype), text)
     pred = model(diffusion.noisy(x0, noise, t), t, text).astype(jnp.float32)
-    w = foreground_weights(x0, foreground_weight, foreground_tolerance)
-    sq = (pred - diffusion.training_target(x0, noise, t)) ** 2
-    err = jnp.sum(w * sq, axis=(1, 2, 3, 4)) / (jnp.sum(w, axis=(1, 2, 3, 4)) * x0.shape[1])
+    err = jnp.mean((pred - diffusion.training_target(x0, noise, t)) ** 2, axis=(1, 2, 3, 4))
     return jnp.mean(err), {"t_mean": jnp.mean(t)}
 
 
 def foreground_weights(x: jax.Array, foreground_weight: float, tolerance: float = 0.1) -> jax.Array:
-    """(B, 1, F, H, W): 1 + foreground_weight where any channel of `x` (B, C, F, H, W) is off its clip's median by more
-    than `tolerance` (pixels: the objects; normalised latents: the positions that hold them)."""
+    """(B, 1, F, H, W): 1 + foreground_weight where a pixel of `x` (B, 3, F, H, W) is off its clip's median colour."""
     background = jnp.median(x, axis=(2, 3, 4), keepdims=True)
     foreground = jnp.any(jnp.abs(x - background) > tolerance, axis=1, keepdims=True)
     return 1.0 + foreground_weight * foreground.astype(x.dtype)
