@@ -2,8 +2,7 @@
 
     python -m halo_jax.main --config=configs/shapes_reward.py --workdir=workdir/shapes_reward
 
-Trains on `synthetic_videos` rendered 17x32x32 videos with random local defects (all kinds), a
-quarter of them labelled against an altered prompt (one object's colour, shape or motion changed),
+Trains on `synthetic_videos` rendered 17x32x32 videos with random local defects (all kinds),
 labelled by the oracle (plus WORKDIR/labels when a label stage ran there), holds out 10% of the
 prompts, and writes `reward/eval_phase{1,2}.json` (held-out video/patch Spearman against the
 oracle; the issue's targets are video >= 0.90, patch >= 0.85, phase 2 not lowering video
@@ -26,7 +25,6 @@ def get_config(variant: str = "accelerator"):
     r.synthetic_videos = 8000
     r.video.update(frames=17, height=32, width=32)
     r.heldout_fraction = 0.1
-    r.synthetic.mismatch_fraction = 0.25  # a quarter labelled against an altered prompt: text alignment needs the text
     # every frame (flicker alternates frames), 4x4-pixel tokens (defects are a few pixels wide)
     r.model.update(num_frames=17, width=128, num_layers=2, num_heads=4, head_hidden=128)
     r.model.vision.update(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
