@@ -9,7 +9,8 @@ model, run once as 1 process x 8 CPU devices and once as 2 processes x 4 devices
   labels, scores (float tolerance), pairs and patch maps as the 1 x 8 run, and the same reward-model
   and DPO train losses up to float32 reduction order.
 - When the demo ends, stage `compare` (configs/shapes_halo.py's last stage: Diffusion-DPO and Gran-DPO
-  trained on the demo's pairs, evaluated with the base, each variant pooled) runs on one training seed.
+  trained on the demo's pairs, evaluated with the base, each variant pooled) runs on one training seed,
+  and tests/dpo_probe.py takes 8 Gran-DPO steps on the same pairs, measured before and after.
 
 Both runs are subprocesses with the same environment (so the same compiled per-device programs:
 the videos are compared bit for bit) and run concurrently; the full demo is `make demo`. Keep XLA's
@@ -81,7 +82,8 @@ def _finish(proc: subprocess.Popen, log: Path, what: str) -> None:
 @pytest.fixture(scope="module")
 def all_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
     """Workdirs of the 1 x 8 demo run, of the 2 x 4 run up to train_dpo (run concurrently), and of stage
-    `compare` on the demo's pairs (started when the demo finishes)."""
+    `compare` on the demo's pairs, which also holds tests/dpo_probe.py's output (both started when the demo
+    finishes)."""
     one, two, cmp = (tmp_path_factory.mktemp(n) for n in ("one_x8", "two_x4", "compare"))
     # The 2 x 4 run starts first: its process 0 compiles for both processes, the longest chain.
     multi = _start(["bash", "launch/local.sh", "2", "4", f"--config={CONFIG}:multihost", f"--workdir={two}"],
@@ -92,13 +94,18 @@ def all_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
         _finish(single, one / "run.log", "1 process x 8 devices (the demo)")
         compare = _start([sys.executable, "-m", "halo_jax.main", f"--config={CONFIG}:compare", f"--workdir={cmp}",
                           f"--config.dpo.pairs_dir={one / 'pairs'}"], _env(8), cmp / "run.log")
+        probe = _start([sys.executable, "tests/dpo_probe.py", str(one), str(cmp / "dpo_probe.json")], _env(8),
+                       cmp / "dpo_probe.log")
     except BaseException:  # the demo failed: its log is the report; do not wait for the other run
         _kill(multi)
         raise
     try:
         _finish(multi, two / "run.log", "2 processes x 4 devices (launch/local.sh)")
     finally:
-        _finish(compare, cmp / "run.log", "stage compare (reduced)")
+        try:
+            _finish(compare, cmp / "run.log", "stage compare (reduced)")
+        finally:
+            _finish(probe, cmp / "dpo_probe.log", "tests/dpo_probe.py (Gran-DPO steps on the demo's pairs)")
     return one, two, cmp
 
 
@@ -232,45 +239,12 @@ def test_multihost_scores_and_pairs_match(runs):
 
 
 @pytest.mark.e2e
-def test_gran_dpo_steps_learn_the_demo_pairs(runs):
+def test_gran_dpo_steps_learn_the_demo_pairs(all_runs):
     """A few Gran-DPO steps on shapes-world pairs (the demo's, from the shipped model) lower the loss
     and raise the implicit accuracy on those pairs, measured before and after with the same timesteps
-    and noise."""
-    import jax
-    import jax.numpy as jnp
-
-    from halo_jax.diffusion import FlowMatching
-    from halo_jax.models.lora import LoRAConfig, apply_lora
-    from halo_jax.models.wan.transformer_params import load_transformer
-    from halo_jax.parallel import mesh as mesh_lib
-    from halo_jax.stages.pairs import loss_config
-    from halo_jax.stages.train_dpo import make_dpo_step, pair_batches
-    from halo_jax.train.optim import make_optimizer
-    from reduced_demo import get_config
-
-    one, _ = runs
-    config = get_config()
-    cfg = config.dpo
-    cfg.update(steps=8, learning_rate=1e-3, warmup_steps=1)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    model = apply_lora(load_transformer(SHAPES_WAN / "transformer", mesh=mesh), LoRAConfig.from_config(cfg.lora),
-                       key=config.seed)
-    diffusion = FlowMatching(num_train_timesteps=int(cfg.loss.num_train_timesteps), shift=float(cfg.diffusion.shift),
-                             timestep_sampling=cfg.diffusion.timestep_sampling)
-    step = make_dpo_step(model, diffusion, loss_config(config), make_optimizer(cfg), mesh)
-    batch = next(pair_batches(StoreReader(one / "pairs"), 8, config.seed, step))  # the pairs, repeated to 8 rows
-    state = step.init_state(config.seed)
-    probe_rng = np.asarray(state["rng"])
-
-    def measure(state):  # metrics are taken before the update: the loss of `state`'s params, fixed t and noise
-        probe = {**jax.tree.map(jnp.copy, state), "rng": jnp.asarray(probe_rng), "step": jnp.zeros((), jnp.int32)}
-        return {k: float(v) for k, v in jax.device_get(step(probe, batch)[1]).items()}
-
-    with jax.set_mesh(mesh):
-        before = measure(state)
-        for _ in range(cfg.steps):
-            state, _ = step(state, batch)
-        after = measure(state)
+    and noise (tests/dpo_probe.py, run by the fixture)."""
+    probe = json.loads((all_runs[2] / "dpo_probe.json").read_text())
+    before, after = probe["before"], probe["after"]
     # Zero-initialised LoRA: policy == reference up to float rounding on the 8-device mesh, so every implicit
     # margin is ~0 and the video term is log 2.
     assert abs(before["margin_video"]) < 1e-4 and abs(before["margin_patch"]) < 1e-4, before
