@@ -31,7 +31,7 @@ def test_nested_override_is_applied_and_written(tmp_path):
     (["--config.mesh.fsdpp=2"], "unknown config key --config.mesh.fsdpp; valid keys under config.mesh: data, fsdp, tensor"),
     (["--config.nope.x=1"], "valid keys under config: aspects, checkpoint"),
     (["--config.mesh.fsdp=two"], "flag --config.mesh.fsdp=two"),
-    (["--config.stage=fly"], "unknown stage 'fly'; choose one of: describe"),
+    (["--config.stage=fly"], "unknown stage 'fly'; choose one of: compare, describe"),
     (["--config.stage=pipeline", "--config.pipeline.stages=('describe','fly')"], "unknown stage 'fly'"),
     (["--config.mesh.tensor=3"], "mesh sizes {'data': 1, 'fsdp': -1, 'tensor': 3} do not divide the 8 devices"),
 ])
