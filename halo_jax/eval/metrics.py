@@ -80,6 +80,15 @@ def unit_values(video: np.ndarray, patch: np.ndarray, base_video: np.ndarray | N
     return values
 
 
+def check_groups(groups: Mapping[str, Sequence[str]], models: Sequence[str], base: str) -> None:
+    """ValueError unless every group has members, all evaluated models other than `base`, and no group is
+    named like a model."""
+    for g, members in groups.items():
+        if g in models or not members or any(m not in models or m == base for m in members):
+            raise ValueError(f"group {g!r}: members {list(members)} must be evaluated models other than the base "
+                             f"{base!r}, and the group's name must not be a model's (models: {list(models)})")
+
+
 def compute_metrics(records: Sequence[dict], models: Sequence[str], base: str, *, threshold: float,
                     resamples: int = 1000, seed: int = 0, level: float = 0.95,
                     groups: Mapping[str, Sequence[str]] | None = None) -> dict:
@@ -93,10 +102,7 @@ def compute_metrics(records: Sequence[dict], models: Sequence[str], base: str, *
     if base not in models:
         raise ValueError(f"base model {base!r} is not among the evaluated models {list(models)}")
     groups = {str(g): list(m) for g, m in (groups or {}).items()}
-    for g, members in groups.items():
-        if g in models or not members or any(m not in models or m == base for m in members):
-            raise ValueError(f"group {g!r}: members {members} must be evaluated models other than the base "
-                             f"{base!r}, and the group's name must not be a model's (models: {list(models)})")
+    check_groups(groups, models, base)
     order = [base] + [m for m in models if m != base]
     units, paired = paired_records(records, order)
     idx = bootstrap_indices(len(units), resamples, seed)

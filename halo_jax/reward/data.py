@@ -248,8 +248,8 @@ def synthesize(store_dir: str | os.PathLike, n: int, *, seed: int, clip_shape: S
             except Exception as e:  # noqa: BLE001 -- one unjudgeable video must not stop the run
                 failures.append((vid, f"the oracle could not label it ({type(e).__name__}: {e})"))
                 continue
-            writer.write({"video_id": vid, "prompt": label_prompt, "rendered_prompt": prompt, "seed": s, "label": label,
-                          "frames": frames,
+            writer.write({"video_id": vid, "prompt": label_prompt, "rendered_prompt": prompt, "seed": s,
+                          "label": label, "frames": frames,
                           "defects": [{"kind": d.kind, "cells": [list(c) for c in d.cells]} for d in applied]})
             written += 1
             if progress is not None:

@@ -23,8 +23,10 @@ import datetime
 import json
 import os
 import platform
+from collections import Counter
 from pathlib import Path
 
+import jax
 from absl import logging
 
 from halo_jax.config import ConfigError
@@ -51,13 +53,13 @@ def runs(config) -> dict[str, tuple[str, int, float]]:
     return {f"{v}_s{s}": (v, s, w) for s in seeds for v, w in variants.items()}
 
 
-def run_config(config, workdir: str, seed: int, patch_weight: float):
+def run_config(config, base: Path, pairs: Path, seed: int, patch_weight: float):
     """The train_dpo config of one run: the shared base model and pair store, its own seed and patch weight."""
     sub = config.copy_and_resolve_references()
     sub.seed = seed
     sub.dpo.loss.patch_weight = patch_weight
-    sub.dpo.pairs_dir = str(Path(config.dpo.pairs_dir) if config.dpo.pairs_dir else Path(workdir) / STORE_NAME)
-    sub.model.path = str(model_path(config, workdir))
+    sub.dpo.pairs_dir = str(pairs)
+    sub.model.path = str(base)
     return sub
 
 
@@ -71,13 +73,15 @@ def run(config, workdir: str) -> Path:
     base_name = config.evaluate.base
     if base_name in plan:
         raise ConfigError(f"evaluate.base={base_name!r} is also the name of a compare run; rename the base")
+    base = model_path(config, workdir)
+    pairs = Path(config.dpo.pairs_dir) if config.dpo.pairs_dir else root / STORE_NAME
     folders = {}
     for i, (name, (variant, seed, weight)) in enumerate(plan.items()):
         logging.info("compare: run %d/%d %s (patch_weight %g, seed %d)", i + 1, len(plan), name, weight, seed)
-        folders[name] = train_dpo.run(run_config(config, workdir, seed, weight), str(out / name))
+        folders[name] = train_dpo.run(run_config(config, base, pairs, seed, weight), str(out / name))
 
     ev = config.copy_and_resolve_references()
-    ev.evaluate.models = {base_name: str(model_path(config, workdir)), **{n: str(f) for n, f in folders.items()}}
+    ev.evaluate.models = {base_name: str(base), **{n: str(f) for n, f in folders.items()}}
     ev.evaluate.groups = {v: [n for n, (vn, _, _) in plan.items() if vn == v] for v in dict(config.compare.variants)}
     eval_dir = evaluate.run(ev, workdir)
     if distributed.is_main_process():
@@ -123,16 +127,17 @@ def results_markdown(metrics: dict, config, plan: dict) -> str:
     order = [base, *variants, *plan]
     header = table_header(aspects, base)
     header.insert(1, "runs")
+    runs_of = Counter(v for v, _, _ in plan.values())  # a variant's run count; a single run: 1
     rows = []
     for name in order:
-        n_runs = "-" if name == base else str(sum(v == name for v, _, _ in plan.values())) if name in variants else "1"
         row = table_row(name, j["models"][name], aspects)
-        rows.append([row[0], n_runs, *row[1:]])
+        rows.append([row[0], "-" if name == base else str(runs_of.get(name, 1)), *row[1:]])
     c = config.compare
     lines = [f"Results ({judge} judge; {metrics['units']} held-out (prompt, seed) units per model, "
              f"defect = cell score < {metrics['defect_threshold']:g}; variants pool training seeds {list(c.seeds)}, "
              f"{int(config.dpo.steps)} DPO steps each; {datetime.date.today().isoformat()}, "
-             f"{platform.machine()} {os.cpu_count()} CPU threads, platform {_platform()})", "",
+             f"{platform.machine()} {os.cpu_count()} CPU threads, platform {jax.default_backend()} "
+             f"x{jax.device_count()})", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     checks = targets(j["models"], base)
@@ -141,8 +146,3 @@ def results_markdown(metrics: dict, config, plan: dict) -> str:
         lines += [f"| {t} | {'yes' if ok else 'no'} | {fig} |" for t, ok, fig in checks]
     return "\n".join(lines) + "\n"
 
-
-def _platform() -> str:
-    import jax
-
-    return f"{jax.default_backend()} x{jax.device_count()}"

@@ -47,6 +47,7 @@ from halo_jax.config import ConfigError
 from halo_jax.data import shapes
 from halo_jax.data.stores import RolloutRecord
 from halo_jax.data.video_io import write_gif, write_mp4
+from halo_jax.eval import metrics as metrics_lib
 from halo_jax.eval.metrics import compute_metrics, format_table
 from halo_jax.io import atomic_write_text
 from halo_jax.models.wan.pipeline import Generator, load_pipeline
@@ -86,13 +87,11 @@ def resolve_models(config, workdir: str) -> dict[str, Path]:
 
 
 def check_groups(section, models: dict[str, Path]) -> None:
-    """`evaluate.groups` (name -> member models, pooled in the metrics) must name evaluated non-base models."""
-    for group, members in dict(section.groups).items():
-        bad = [m for m in members if m not in models or m == section.base]
-        if group in models or not members or bad:
-            raise ConfigError(f"evaluate.groups[{group!r}] = {list(members)}: members must be evaluated models other "
-                              f"than the base {section.base!r} (models: {list(models)}), and a group may not be "
-                              "named like a model")
+    """`evaluate.groups` (name -> member models, pooled in the metrics), checked before any video is made."""
+    try:
+        metrics_lib.check_groups(dict(section.groups), list(models), section.base)
+    except ValueError as e:
+        raise ConfigError(f"evaluate.groups: {e}") from None
 
 
 def aligned_name(folder: Path) -> str:
