@@ -74,6 +74,18 @@ def test_metric_edge_cases():
         metrics.spearman([1, np.nan], [1, 2])
 
 
+def test_spearman_ceiling_is_the_best_any_tie_free_prediction_reaches():
+    y = np.array([5.0, 5.0, 5.0, 5.0, 2.0, 3.5, 2.0])  # a tied mass at 5, as the oracle's clean cells
+    best = max(metrics.spearman(np.array(order, float), y) for order in itertools.permutations(range(len(y))))
+    assert metrics.spearman_ceiling(y) == pytest.approx(best, abs=1e-12) and best < 0.95
+    # closed form for m of n values tied, the rest distinct: 1 - (m / n)^3 (1 - 1 / m^2) / (1 - 1 / n^2)
+    m, n = 4, 7
+    expected = math.sqrt(1 - (m / n) ** 3 * (1 - 1 / m**2) / (1 - 1 / n**2))
+    assert metrics.spearman_ceiling([5.0] * m + [1.0, 2.0, 3.0]) == pytest.approx(expected, abs=1e-12)
+    assert metrics.spearman_ceiling([1.0, 3.0, 2.0]) == pytest.approx(1.0)  # no ties
+    assert math.isnan(metrics.spearman_ceiling([4.0, 4.0]))
+
+
 def test_report_and_table():
     rng = np.random.default_rng(0)
     n, a, grid = 12, 2, (2, 1, 2)
@@ -84,6 +96,7 @@ def test_report_and_table():
     assert rep["aspects"]["x"]["video_spearman"] == pytest.approx(1.0)
     assert rep["aspects"]["y"]["patch_spearman"] == pytest.approx(1.0)
     assert rep["aspects"]["x"]["patch_defect_auroc"] == pytest.approx(1.0)  # lower prediction = defect, perfectly
+    assert rep["aspects"]["x"]["patch_spearman_ceiling"] == pytest.approx(1.0)  # uniform labels: no ties
     assert rep["counts"]["patch_videos"] == int(has.sum())
     assert rep["aspects"]["x"]["patch_cells"] == int(has.sum()) * 4
     assert rep["mean"]["video_pairwise_accuracy"] == pytest.approx(1.0)

@@ -3,6 +3,11 @@
     rankdata(x)        average ranks 1..n (tied values share the mean of their ranks)
     pearson(x, y)      sum((x - mx)(y - my)) / sqrt(sum((x - mx)^2) sum((y - my)^2));  NaN if x or y is constant
     spearman(x, y)     pearson(rankdata(x), rankdata(y))                                (ties: average ranks)
+    spearman_ceiling(y)  sd(rankdata(y)) / sd(1..n): the largest Spearman with y that a prediction
+                       without ties can reach (its ranks are a permutation r of 1..n, and
+                       cov(rankdata(y), r) <= var(rankdata(y)) with equality when r orders y's
+                       tie groups correctly, whatever the order inside each group); 1 when y has
+                       no ties, ~ sqrt(1 - q^3) when a share q of y is one tied value
     pairwise_accuracy  over pairs (i, j) of the same group whose targets differ:
                        mean of [sign(p_i - p_j) = sign(t_i - t_j)], a tied prediction counts 1/2
     auroc(s, y)        P(s_pos > s_neg) + P(s_pos = s_neg) / 2 over positive/negative pairs
@@ -11,9 +16,11 @@
 
 `evaluate_predictions` turns held-out predictions and teacher labels into the per-aspect
 report of the `train_reward` stage: video Pearson, Spearman and within-prompt pairwise
-accuracy; patch Spearman (over every cell of every video with patch labels) and the AUROC
-of detecting defects (a cell whose teacher score is below `defect_threshold`) from the
-negated predicted patch score (a low predicted score flags a defect).
+accuracy; patch Spearman (over every cell of every video with patch labels), its ceiling
+(`spearman_ceiling` of the labels: where most cells are tied at 5 no continuous prediction
+can reach 1) and the AUROC of detecting defects (a cell whose teacher score is below
+`defect_threshold`) from the negated predicted patch score (a low predicted score flags a
+defect). The video Spearman's ceiling is reported the same way.
 """
 
 from __future__ import annotations
@@ -67,6 +74,15 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(rankdata(x), rankdata(y))
 
 
+def spearman_ceiling(y: np.ndarray) -> float:
+    """The largest Spearman with `y` of any prediction without ties (module docstring); NaN if y is constant."""
+    ranks = rankdata(y)
+    if ranks.size < 2 or np.ptp(ranks) == 0:
+        return math.nan
+    n = ranks.size
+    return float(np.std(ranks) / math.sqrt((n * n - 1) / 12.0))
+
+
 def pairwise_accuracy(pred: np.ndarray, target: np.ndarray, groups: Sequence | np.ndarray | None = None
                       ) -> tuple[float, int]:
     """(accuracy, number of pairs) over pairs of the same group (all pairs if `groups` is None)
@@ -106,8 +122,8 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return u / (n_pos * n_neg)
 
 
-VIDEO_METRICS = ("video_pearson", "video_spearman", "video_pairwise_accuracy")
-PATCH_METRICS = ("patch_spearman", "patch_defect_auroc")
+VIDEO_METRICS = ("video_pearson", "video_spearman", "video_spearman_ceiling", "video_pairwise_accuracy")
+PATCH_METRICS = ("patch_spearman", "patch_spearman_ceiling", "patch_defect_auroc")
 
 
 def evaluate_predictions(aspects: Sequence[str], video_pred: np.ndarray, video_true: np.ndarray,
@@ -134,6 +150,7 @@ def evaluate_predictions(aspects: Sequence[str], video_pred: np.ndarray, video_t
         acc, pairs = pairwise_accuracy(video_pred[:, k], video_true[:, k], groups)
         m = {"video_pearson": pearson(video_pred[:, k], video_true[:, k]),
              "video_spearman": spearman(video_pred[:, k], video_true[:, k]),
+             "video_spearman_ceiling": spearman_ceiling(video_true[:, k]),
              "video_pairwise_accuracy": acc, "video_pairs": pairs}
         if patch_pred is not None and has_patch is not None and np.any(has_patch):
             sel = np.asarray(has_patch, bool)
@@ -142,13 +159,14 @@ def evaluate_predictions(aspects: Sequence[str], video_pred: np.ndarray, video_t
             pt = np.asarray(patch_true, np.float64)[sel, k].ravel()
             is_defect = pt < defect_threshold
             m["patch_spearman"] = spearman(pp, pt)
+            m["patch_spearman_ceiling"] = spearman_ceiling(pt)
             m["patch_defect_auroc"] = auroc(-pp, is_defect)
             m["patch_defects"] = int(is_defect.sum())
             m["patch_cells"] = int(pt.size)
             defects += int(is_defect.sum())
         else:
-            m["patch_spearman"] = math.nan
-            m["patch_defect_auroc"] = math.nan
+            for metric in PATCH_METRICS:
+                m[metric] = math.nan
         per[name] = m
     mean = {}
     for metric in VIDEO_METRICS + PATCH_METRICS:
@@ -170,8 +188,9 @@ def _json_safe(x):
 
 def format_report(report: dict, title: str = "") -> str:
     """A plain-text table: one row per aspect (and the mean), one column per metric."""
-    cols = [("video_pearson", "v.pearson"), ("video_spearman", "v.spearman"), ("video_pairwise_accuracy", "v.pair_acc"),
-            ("patch_spearman", "p.spearman"), ("patch_defect_auroc", "p.auroc")]
+    cols = [("video_pearson", "v.pearson"), ("video_spearman", "v.spearman"), ("video_spearman_ceiling", "v.sp.ceil"),
+            ("video_pairwise_accuracy", "v.pair_acc"), ("patch_spearman", "p.spearman"),
+            ("patch_spearman_ceiling", "p.sp.ceil"), ("patch_defect_auroc", "p.auroc")]
     rows = [(name, m) for name, m in report["aspects"].items()] + [("mean", report["mean"])]
     width = max(len(r[0]) for r in rows) + 2
 
