@@ -201,6 +201,9 @@ def reward_config() -> ml_collections.ConfigDict:
         "group_size": 4,
         "losses": {"regression": 1.0, "bradley_terry": 0.5, "bt_margin": 0.25, "bt_temperature": 1.0,
                    "patch": 1.0, "consistency": 0.1},
+        # phase 0 (0 steps: off): the towers' video-text matching before phase 1 (SigLIP's sigmoid loss on
+        # the videos that show their prompt), for towers trained from scratch
+        "phase0": phase(steps=0, learning_rate=1e-3),
         "phase1": phase(steps=300, learning_rate=1e-3),   # video head (+ what the tuning modes unfreeze)
         "phase2": phase(steps=300, learning_rate=5e-4),   # + patch head, patch and consistency losses
         "eval_batch_size": 32,

@@ -124,6 +124,15 @@ def test_losses_match_their_definitions():
                                           margin=0.5, temperature=2.0)
     assert int(count) == len(terms) > 0 and float(bt) == pytest.approx(np.mean(terms), rel=1e-5)
 
+    logits = rng.normal(0, 3, (n, n))
+    match = [w[i] * w[j] * math.log1p(math.exp(-(1 if groups[i] == groups[j] else -1) * logits[i, j]))
+             for i in range(n) for j in range(n)]
+    right = [w[i] * w[j] * (np.sign(logits[i, j]) == (1 if groups[i] == groups[j] else -1))
+             for i in range(n) for j in range(n)]
+    lm, accuracy = losses.matching_loss(jnp.asarray(logits), jnp.asarray(groups), jnp.asarray(w))
+    assert float(lm) == pytest.approx(sum(match) / w.sum(), rel=1e-5)
+    assert float(accuracy) == pytest.approx(sum(right) / np.sum(np.outer(w, w)), rel=1e-6)
+
     patch = rng.normal(3, 1, (n, a, 2, 2, 1))
     cons = np.sum(w * np.mean((pred - patch.mean(axis=(2, 3, 4))) ** 2, -1)) / w.sum()
     assert float(losses.consistency_loss(jnp.asarray(pred), jnp.asarray(patch), jnp.asarray(w))) == pytest.approx(

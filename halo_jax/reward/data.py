@@ -120,7 +120,8 @@ def label_arrays(record: Mapping[str, Any], aspects: Sequence[str], grid: Sequen
 class Example:
     """One labelled video: where its frames are (`source`, `index`) and its labels.
 
-    `patch_scores` is None for video-level-only labels.
+    `patch_scores` is None for video-level-only labels. `rendered_prompt` is the prompt the video
+    was made from when it differs from the labelled `prompt` (a synthetic mismatch), else None.
     """
 
     video_id: str
@@ -129,6 +130,12 @@ class Example:
     index: int
     video_scores: np.ndarray
     patch_scores: np.ndarray | None
+    rendered_prompt: str | None = None
+
+    @property
+    def prompt_is_rendered(self) -> bool:
+        """The video shows its `prompt` (the pairs phase 0's video-text matching learns from)."""
+        return self.rendered_prompt in (None, self.prompt)
 
 
 def _reject(bad: BadLabels, video_id: str | None, source: str, reason: str, on_bad_label: str) -> None:
@@ -268,7 +275,8 @@ def examples_from_synthetic(reader: Any, aspects: Sequence[str], grid: Sequence[
         except LabelError as e:
             _reject(bad, e.video_id or small.get("video_id"), "synthetic", e.reason, on_bad_label)
             continue
-        out.append(Example(small["video_id"], small["prompt"], "synthetic", i, video, patch))
+        out.append(Example(small["video_id"], small["prompt"], "synthetic", i, video, patch,
+                           small.get("rendered_prompt")))
     return out
 
 
@@ -324,6 +332,11 @@ class RewardData:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def subset(self, keep: Callable[[Example], bool]) -> RewardData:
+        """The examples `keep` accepts, with the same readers, clip, tokens and grid."""
+        return RewardData([e for e in self.examples if keep(e)], self.readers, self.clip_shape, self.tokens,
+                          self.num_aspects, self.grid)
 
     def frames(self, i: int) -> np.ndarray:
         e = self.examples[i]

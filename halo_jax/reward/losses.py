@@ -11,6 +11,12 @@ where it has patch labels (h_i = 1), predicted and labelled cell scores S_i, Y_i
     patch           L_p    = sum_i w_i h_i mean_{a,cells} (S_i - Y_i)^2 / sum_i w_i h_i
     consistency     L_c    = sum_i w_i mean_a (sg(s_ia) - mean_cells S_ia)^2 / sum_i w_i
 
+Phase 0 (the towers' video-text matching, SigLIP's sigmoid loss) on logits L (N, N) of every
+video against every prompt of the batch, with z_ij = +1 when videos i and j share a prompt
+(group) and -1 otherwise:
+
+    matching        L_m    = sum_i w_i sum_j w_j softplus(-z_ij L_ij) / sum_i w_i
+
 `sg` is stop_gradient: the consistency term pulls the patch scale onto the video scale
 learnt in phase 1 and never drags the video head towards the patches (phase 2 must not
 lower video accuracy). Phase 1 minimises `w_reg L_reg + w_bt L_bt`; phase 2 adds
@@ -80,6 +86,15 @@ def patch_loss(pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Arr
     return _wmean(jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim))), weight)
 
 
+def matching_loss(logits: jax.Array, groups: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(L_m, accuracy of sign(L_ij) = z_ij over valid pairs): logits (N, N), groups (N,), weight (N,)."""
+    z = jnp.where(groups[:, None] == groups[None, :], 1.0, -1.0)
+    pair_w = weight[:, None] * weight[None, :]
+    loss = jnp.sum(pair_w * jax.nn.softplus(-z * logits)) / jnp.maximum(jnp.sum(weight), 1e-12)
+    accuracy = jnp.sum(pair_w * (jnp.sign(logits) == z)) / jnp.maximum(jnp.sum(pair_w), 1e-12)
+    return loss, accuracy
+
+
 def consistency_loss(video: jax.Array, patch: jax.Array, weight: jax.Array) -> jax.Array:
     """L_c: video (N, A), patch (N, A, Tp, Hp, Wp), weight (N,)."""
     agg = jnp.mean(patch, axis=tuple(range(2, patch.ndim)))
@@ -121,7 +136,8 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
 
 
 def make_loss_fn(weights: LossWeights, phase: int):
-    """`loss_fn(model, batch, key) -> (loss, metrics)` for `train.state.make_train_step`.
+    """`loss_fn(model, batch, key) -> (loss, metrics)` for `train.state.make_train_step`; phase 0 is L_m,
+    phases 1 and 2 are `reward_losses`.
 
     `batch`: frames (N, F, H, W, 3), input_ids / text_mask (N, S) and the label fields of
     `reward_losses`; the model is a `RewardModel`.
@@ -129,6 +145,10 @@ def make_loss_fn(weights: LossWeights, phase: int):
 
     def loss_fn(model, batch, key):
         del key  # the reward model has no dropout
+        if phase == 0:
+            logits = model.match_logits(batch["frames"], batch["input_ids"], batch["text_mask"])
+            loss, accuracy = matching_loss(logits, batch["group"], batch["valid"].astype(jnp.float32))
+            return loss, {"matching": loss, "match_accuracy": accuracy}
         out = model(batch["frames"], batch["input_ids"], batch["text_mask"])
         return reward_losses(out, batch, weights, phase)
 

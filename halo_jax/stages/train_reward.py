@@ -3,6 +3,9 @@
     data     labels/ + rollouts/ (the label stage), synthetic shapes videos (oracle labels,
              cached in reward/synthetic/), a VideoFeedback-layout set; bad labels rejected
              (reward/bad_labels.json); prompts held out for evaluation (reward/split.json)
+    phase 0  optional (reward.phase0.steps > 0): the towers' video-text matching (SigLIP's sigmoid
+             loss, `RewardModel.match_logits`) on the videos that show their prompt, for towers
+             trained from scratch (reward/phase0/; held-out top-1 prompt retrieval and AUROC)
     phase 1  video head (+ what the tuning modes unfreeze): regression and/or Bradley-Terry
              (reward/phase1/: checkpoints, metrics, model/)
     phase 2  from phase 1's weights, the patch head joins: video loss + patch regression +
@@ -58,12 +61,27 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+MATCHING_PARAMS = ("vision", "text", "proj_in", "text_proj", "logit_scale", "logit_bias")
+
+
 def phase_filter(cfg, phase: int):
-    """Phase 1 trains everything `trainable_filter` selects except the patch head; phase 2 all of it."""
+    """Of what `trainable_filter` selects: phase 0 trains the towers, their projections and the matching
+    logit's scale and bias; phase 1 everything but the patch head and that scale and bias; phase 2 adds
+    the patch head."""
     base = trainable_filter(cfg)
-    if phase == 2:
-        return base
-    return lambda path, var: base(path, var) and str(path[0]) != "patch_head"
+
+    def keep(path, var) -> bool:
+        head = str(path[0])
+        if phase == 0:
+            return base(path, var) and head in MATCHING_PARAMS
+        return base(path, var) and head not in ("logit_scale", "logit_bias") and (phase == 2 or head != "patch_head")
+
+    return keep
+
+
+def continues_from(r, phase: int) -> dict:
+    """{"phaseQ_steps": steps} of the earlier phases this phase starts from (phase 0 only when it runs)."""
+    return {f"phase{q}_steps": int(r[f"phase{q}"].steps) for q in range(phase) if q > 0 or int(r.phase0.steps) > 0}
 
 
 # ----------------------------------------------------------------------------- data
@@ -174,13 +192,40 @@ def evaluate(model, tokenizer, text_max_length: int, held: rdata.RewardData, con
         np.array([e.patch_scores is not None for e in ex]), float(config.defect_threshold))
 
 
+def evaluate_matching(model, held: rdata.RewardData, config) -> dict:
+    """Phase 0's held-out report: every held-out video's `match_logits` against every held-out prompt;
+    top-1 retrieval of its own prompt and the AUROC of own-prompt logits against the others."""
+    import numpy as np
+
+    from halo_jax.reward.metrics import auroc
+
+    prompts = sorted({e.prompt for e in held.examples})
+    if not prompts:
+        return {"counts": {"videos": 0, "prompts": 0}, "note": "no held-out prompts"}
+    ids = np.stack([held.tokens[p][0] for p in prompts])
+    mask = np.stack([held.tokens[p][1] for p in prompts])
+    logits_fn = nnx.jit(lambda m, frames: m.match_logits(frames, ids, mask))
+    size = int(config.reward.eval_batch_size)
+    logits = []
+    for s in range(0, len(held), size):
+        idx = [min(i, len(held) - 1) for i in range(s, s + size)]  # the last batch padded: one compile
+        out = np.asarray(logits_fn(model, np.stack([held.frames(i) for i in idx])))
+        logits.append(out[:min(size, len(held) - s)])
+    logits = np.concatenate(logits)
+    own = np.array([prompts.index(e.prompt) for e in held.examples])
+    is_own = np.arange(len(prompts))[None, :] == own[:, None]
+    return {"retrieval_top1": float(np.mean(np.argmax(logits, axis=1) == own)), "chance": 1.0 / len(prompts),
+            "match_auroc": float(auroc(logits.ravel(), is_own.ravel())),
+            "counts": {"videos": len(held), "prompts": len(prompts)}}
+
+
 def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, held: rdata.RewardData,
               tokenizer, text_max_length: int, mesh) -> tuple:
     """Train (or resume, or skip) one phase; returns (model, eval report)."""
     r = config.reward
     section = r[f"phase{phase}"]
     folder = root / f"phase{phase}"
-    origin = {"phase1_steps": int(r.phase1.steps)} if phase == 2 else {}
+    origin = continues_from(r, phase)
     done = _read_json(folder / "done.json")
     if done is not None and done["steps"] == section.steps and all(done.get(k) == v for k, v in origin.items()):
         logging.info("train_reward: phase %d already trained (%d steps); loading %s", phase, section.steps,
@@ -209,8 +254,9 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
         state_lib.pure(params))
     for k, v in origin.items():
         if extra and extra.get(k) != v:
-            raise ConfigError(f"{folder} continues a phase 1 of {extra.get(k)} steps, but phase 1 now has {v}; "
-                              f"delete {folder} to train phase 2 again from the new phase 1")
+            earlier = k.removesuffix("_steps").replace("phase", "phase ")
+            raise ConfigError(f"{folder} continues a {earlier} of {extra.get(k)} steps, but {earlier} now has {v}; "
+                              f"delete {folder} to train phase {phase} again from the new {earlier}")
     rows = distributed.process_local_rows(section.batch_size, batch_shardings["valid"])  # videos; whole groups
     data = make_data(train, g, section.batch_size // g, slice(rows.start // g, rows.stop // g), config.seed + phase)
     if extra:
@@ -233,11 +279,19 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
     if distributed.is_main_process():
         save_reward_model(model, folder / "model", tokenizer, text_max_length,
                           {"phase": phase, "steps": int(section.steps), "clip": list(train.clip_shape)})
-        report = evaluate(model, tokenizer, text_max_length, held, config)
+        title = f"train_reward phase {phase}: held-out evaluation ({section.steps} steps)"
+        if phase == 0:
+            report = evaluate_matching(model, held, config)
+            if report["counts"]["videos"]:
+                print(f"{title}: own prompt top-1 among {report['counts']['prompts']} prompts "
+                      f"{report['retrieval_top1']:.3f} (chance {report['chance']:.3f}), "
+                      f"matching AUROC {report['match_auroc']:.3f}")
+        else:
+            report = evaluate(model, tokenizer, text_max_length, held, config)
+            if report["counts"]["videos"]:
+                print(format_report(report, title))
         report["phase"], report["steps"] = phase, int(section.steps)
         rdata.write_json(root / f"eval_phase{phase}.json", report)
-        if report["counts"]["videos"]:
-            print(format_report(report, f"train_reward phase {phase}: held-out evaluation ({section.steps} steps)"))
         rdata.write_json(folder / "done.json", {"steps": int(section.steps), **origin})
     distributed.barrier(f"train_reward-phase{phase}")
     return model, report or _read_json(root / f"eval_phase{phase}.json")
@@ -296,6 +350,12 @@ def run(config, workdir: str) -> Path:
     model = create_model(cfg, mesh, config.sharding.rules, seed=config.seed, siglip_path=r.siglip_path,
                          dtype=dtype_of(r.dtype))
     reports = {}
+    if r.phase0.steps > 0:
+        def shown(e: rdata.Example) -> bool:
+            return e.prompt_is_rendered
+
+        model, reports[0] = run_phase(0, model, config, root, train.subset(shown), held.subset(shown), tokenizer,
+                                      max_length, mesh)
     model, reports[1] = run_phase(1, model, config, root, train, held, tokenizer, max_length, mesh)
     if r.phase2.steps > 0:
         model, reports[2] = run_phase(2, model, config, root, train, held, tokenizer, max_length, mesh)

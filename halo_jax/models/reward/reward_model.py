@@ -16,6 +16,13 @@
 Scores are unbounded reals on the 1..5 label scale (linear output around `score_offset`,
 no squashing, so regression and Bradley-Terry losses never saturate).
 
+Video-text matching (phase 0 of `train_reward`, the towers' own SigLIP-style pretraining where
+no pretrained SigLIP can be loaded): `match_logits` L_ij = exp(logit_scale) cos(v_i, t_j) +
+logit_bias, with v_i = mean over the sampled frames and patches of proj_in(vision tokens) and
+t_j = the mean of text_proj(text tokens) over the unmasked tokens (logit_scale, logit_bias
+start at log 10 and -10, as SigLIP's). The frame mean sees colours, shapes and background, not
+motion.
+
 Text conditioning is cross-attention to the text tokens in every temporal block (not FiLM):
 every video token can attend to the words that concern it, which is what a per-patch
 text-alignment score needs. `text_mask` (B, S) masks padded text keys of the cross-attention
@@ -37,6 +44,7 @@ tower; only adapter params are trainable: `apply_tower_lora` adds them with
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -242,6 +250,10 @@ class RewardModel(nnx.Module):
         self.final_norm = layer_norm(d, 1e-6, **kw)
         self.video_head = ScoreHead(d, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
         self.patch_head = ScoreHead(d, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
+        def scalar(value: float) -> nnx.Param:
+            return nnx.Param(param_init(nnx.initializers.constant(value), None)(rngs.params(), (1,), param_dtype))
+
+        self.logit_scale, self.logit_bias = scalar(math.log(10.0)), scalar(-10.0)  # of match_logits only
         self.dtype, self.param_dtype = dtype, param_dtype
 
     def preprocess(self, frames: jax.Array) -> jax.Array:
@@ -278,6 +290,16 @@ class RewardModel(nnx.Module):
         if kind == "frozen":
             tokens = jax.lax.stop_gradient(tokens)
         return tokens.reshape(b, cfg.num_frames, *tokens.shape[1:])
+
+    def match_logits(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
+        """Video-text logits (B videos, B' prompts), float32 (module docstring)."""
+        v = self.proj_in(self.encode_frames(frames)).astype(jnp.float32).mean(axis=(1, 2))  # (B, D)
+        t = self.encode_text(input_ids).astype(jnp.float32)  # (B', S, D)
+        w = jnp.ones(t.shape[:2], jnp.float32) if text_mask is None else (jnp.asarray(text_mask) != 0).astype(jnp.float32)
+        t = jnp.sum(t * w[..., None], axis=1) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
+        v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+        t = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+        return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * (v @ t.T) + self.logit_bias[...].astype(jnp.float32)
 
     def __call__(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> dict[str, jax.Array]:
         """Scores on the 1..5 scale: {'video': (B, A), 'patch': (B, A, Tp, Hp, Wp)}, float32.
