@@ -220,3 +220,34 @@ def test_every_param_has_logical_axes():
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == len(var.get_value().shape), (path, names)
+
+
+def test_match_features_are_the_matching_probabilities_of_video_and_cells():
+    """With `match_features` the heads read sigmoid(L) of the video and of each cell with its own prompt
+    (L as `match_logits`, the cell's proj_in tokens averaged by brute-force cell membership)."""
+    cfg = RewardModelConfig.tiny(num_frames=5, grid=GRID, match_features=True)
+    model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.RandomState(2)
+    frames = jnp.asarray(rng.randint(0, 256, (2, 5, 35, 42, 3)).astype(np.uint8))
+    ids = jnp.asarray(rng.randint(0, cfg.text.vocab_size, (2, 8)))
+    mask = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])
+    cells = cfg.token_cell_map(frames.shape[1:4])
+    v = model.proj_in(model.encode_frames(frames))
+    video, cell = model._match_features(v, model.encode_text(ids), mask, cells)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(video[:, 0]), sig(np.diag(np.asarray(model.match_logits(frames, ids, mask)))),
+                               rtol=1e-5)
+
+    text = np.asarray(model.encode_text(ids), np.float64)
+    scale, bias = math.exp(float(model.logit_scale[...][0])), float(model.logit_bias[...][0])
+    member = brute_force_cells((5, 35, 42), cfg.frame_indices(5), cfg.vision.grid, GRID)
+    tokens = np.asarray(v, np.float64).reshape(2, 5, 7, 7, -1)
+    for b in range(2):
+        t = (text[b] * np.asarray(mask[b])[:, None]).sum(0) / np.asarray(mask[b]).sum()
+        t /= np.linalg.norm(t)
+        for c in np.ndindex(*GRID):
+            x = tokens[b][np.all(member == c, axis=-1)].mean(0)
+            expected = sig(scale * x @ t / np.linalg.norm(x) + bias)
+            assert float(cell[b][c][0]) == pytest.approx(expected, rel=1e-5), (b, c)
+    out = model(frames, ids, mask)
+    assert out["video"].shape == (2, len(cfg.aspects)) and out["patch"].shape == (2, len(cfg.aspects), *GRID)

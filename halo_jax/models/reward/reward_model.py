@@ -21,7 +21,11 @@ no pretrained SigLIP can be loaded): `match_logits` L_ij = exp(logit_scale) cos(
 logit_bias, with v_i = mean over the sampled frames and patches of proj_in(vision tokens) and
 t_j = the mean of text_proj(text tokens) over the unmasked tokens (logit_scale, logit_bias
 start at log 10 and -10, as SigLIP's). The frame mean sees colours, shapes and background, not
-motion.
+motion. With `match_features` the heads also read the matching probability sigmoid(L) of the
+video with its own prompt: the video head gets sigmoid(L(v, t)) appended to the mean token, the
+patch head gets sigmoid(L(v_c, t)) appended to cell c's token mean, where v_c is the mean of
+proj_in(vision tokens) over the cell (a direct text-alignment signal once phase 0 has aligned
+the towers).
 
 Text conditioning is cross-attention to the text tokens in every temporal block (not FiLM):
 every video token can attend to the words that concern it, which is what a per-patch
@@ -114,6 +118,7 @@ class RewardModelConfig:
     lora_alpha: float = 16.0
     remat: bool = False  # rematerialise encoder / temporal layers in the backward pass
     attention_impl: str = "xla"  # see halo_jax.models.attention
+    match_features: bool = False  # the heads also read the video's (cell's) matching probability with its prompt
 
     def __post_init__(self):
         object.__setattr__(self, "grid", as_grid(self.grid))
@@ -189,6 +194,18 @@ class RewardModelConfig:
         return cls(**kw)
 
 
+def _unit(x: jax.Array) -> jax.Array:
+    """x / |x| over the last axis, float32."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _text_embedding(text: jax.Array, text_mask: jax.Array | None) -> jax.Array:
+    """Unit mean of text tokens (B, S, D) over the unmasked ones: (B, D), float32."""
+    w = jnp.ones(text.shape[:2], jnp.float32) if text_mask is None else (jnp.asarray(text_mask) != 0).astype(jnp.float32)
+    return _unit(jnp.sum(text.astype(jnp.float32) * w[..., None], axis=1) / jnp.maximum(jnp.sum(w, axis=1)[:, None], 1.0))
+
+
 def pool_tokens(tokens: jax.Array, cells: CellMap) -> jax.Array:
     """Per-cell token mean: (B, T, Ht, Wt, D) -> (B, Tp, Hp, Wp, D) (float32 accumulation)."""
     if tokens.ndim != 5 or tuple(tokens.shape[1:4]) != cells.shape:
@@ -248,8 +265,9 @@ class RewardModel(nnx.Module):
         self.temporal = stacked(cfg.num_layers, lambda r: TemporalBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
-        self.video_head = ScoreHead(d, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
-        self.patch_head = ScoreHead(d, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
+        head_in = d + int(cfg.match_features)
+        self.video_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
+        self.patch_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
         def scalar(value: float) -> nnx.Param:
             return nnx.Param(param_init(nnx.initializers.constant(value), None)(rngs.params(), (1,), param_dtype))
 
@@ -293,13 +311,23 @@ class RewardModel(nnx.Module):
 
     def match_logits(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
         """Video-text logits (B videos, B' prompts), float32 (module docstring)."""
-        v = self.proj_in(self.encode_frames(frames)).astype(jnp.float32).mean(axis=(1, 2))  # (B, D)
-        t = self.encode_text(input_ids).astype(jnp.float32)  # (B', S, D)
-        w = jnp.ones(t.shape[:2], jnp.float32) if text_mask is None else (jnp.asarray(text_mask) != 0).astype(jnp.float32)
-        t = jnp.sum(t * w[..., None], axis=1) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
-        v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-        t = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
-        return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * (v @ t.T) + self.logit_bias[...].astype(jnp.float32)
+        v = self.proj_in(self.encode_frames(frames)).mean(axis=(1, 2))  # (B, D)
+        t = _text_embedding(self.encode_text(input_ids), text_mask)  # (B', D)
+        return self._scaled(_unit(v) @ t.T)
+
+    def _scaled(self, cosine: jax.Array) -> jax.Array:
+        return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * cosine + self.logit_bias[...].astype(jnp.float32)
+
+    def _match_features(self, v: jax.Array, text: jax.Array, text_mask: jax.Array | None, cells: CellMap
+                        ) -> tuple[jax.Array, jax.Array]:
+        """sigmoid(L) of each video (B, 1) and each cell (B, Tp, Hp, Wp, 1) with its own prompt, from
+        proj_in tokens `v` (B, T, Ht*Wt, D) and text tokens (B, S, D)."""
+        g = self.config.vision.grid
+        t = _text_embedding(text, text_mask)[:, None]  # (B, 1, D)
+        video = jnp.sum(_unit(v.mean(axis=(1, 2)))[:, None] * t, axis=-1)  # (B, 1)
+        cell = pool_tokens(v.astype(jnp.float32).reshape(*v.shape[:2], g, g, v.shape[-1]), cells)  # (B, Tp, Hp, Wp, D)
+        cell = jnp.sum(_unit(cell) * t[:, :, None, None], axis=-1)[..., None]
+        return jax.nn.sigmoid(self._scaled(video)), jax.nn.sigmoid(self._scaled(cell))
 
     def __call__(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> dict[str, jax.Array]:
         """Scores on the 1..5 scale: {'video': (B, A), 'patch': (B, A, Tp, Hp, Wp)}, float32.
@@ -311,15 +339,20 @@ class RewardModel(nnx.Module):
         cells = cfg.token_cell_map(frames.shape[1:4])
         b = frames.shape[0]
         g = cfg.vision.grid
-        x = self.proj_in(self.encode_frames(frames))  # (B, T, N, D)
-        x = x + self.frame_embedding[...].astype(x.dtype)[None, :, None] + self.spatial_embedding[...].astype(x.dtype)[None, None]
+        v = self.proj_in(self.encode_frames(frames))  # (B, T, N, D)
+        x = v + self.frame_embedding[...].astype(v.dtype)[None, :, None] + self.spatial_embedding[...].astype(v.dtype)[None, None]
         x = x.reshape(b, -1, cfg.width)
         text = self.encode_text(input_ids)
         mask = None if text_mask is None else jnp.asarray(text_mask) != 0
         x = scan_layers(self.temporal, x, text, mask, remat=cfg.remat)
         h = self.final_norm(x)  # (B, T*N, D)
-        video = self.video_head(h.astype(jnp.float32).mean(axis=1).astype(h.dtype))
+        mean = h.astype(jnp.float32).mean(axis=1).astype(h.dtype)
         pooled = pool_tokens(h.reshape(b, cfg.num_frames, g, g, cfg.width), cells)  # (B, Tp, Hp, Wp, D)
+        if cfg.match_features:
+            video_match, cell_match = self._match_features(v, text, text_mask, cells)
+            mean = jnp.concatenate([mean, video_match.astype(mean.dtype)], axis=-1)
+            pooled = jnp.concatenate([pooled, cell_match.astype(pooled.dtype)], axis=-1)
+        video = self.video_head(mean)
         patch = jnp.moveaxis(self.patch_head(pooled), -1, 1)  # (B, A, Tp, Hp, Wp)
         return {"video": video, "patch": patch}
 
