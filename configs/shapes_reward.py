@@ -30,6 +30,10 @@ def get_config(variant: str = "accelerator"):
     r.model.vision.update(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                           image_size=32, patch_size=4)
     r.model.text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    # a quarter of the videos labelled against an altered prompt: text alignment that needs the text
+    r.synthetic.mismatch_fraction = 0.25
+    # the towers are trained from scratch: phase 0 first teaches them which prompt a video shows
+    r.phase0.update(steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100)
     r.phase1.update(steps=6000, batch_size=64, learning_rate=1e-3, warmup_steps=200)
     r.phase2.update(steps=4000, batch_size=64, learning_rate=5e-4, warmup_steps=100)
     r.eval_batch_size = 64
@@ -38,6 +42,7 @@ def get_config(variant: str = "accelerator"):
         r.model.update(width=64, num_layers=1, head_hidden=64)
         r.model.vision.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, patch_size=8)
         r.model.text.update(hidden_size=32, intermediate_size=64)
+        r.phase0.update(steps=1000, batch_size=64, learning_rate=2e-3, warmup_steps=50)
         r.phase1.update(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=50)
         r.phase2.update(steps=1000, batch_size=32, learning_rate=1e-3, warmup_steps=50)
         r.eval_batch_size = 32
