@@ -364,7 +364,8 @@ def run(config, workdir: str) -> Path:
                         "meaningless")
 
     info = {"phases": {f"phase{p}": int(r[f"phase{p}"].steps) for p in reports},
-            "eval": {f"phase{p}": (rep or {}).get("mean") for p, rep in reports.items()},
+            "eval": {f"phase{p}": {k: v for k, v in (rep or {}).items() if k in ("mean", "retrieval_top1", "match_auroc")}
+                     for p, rep in reports.items()},
             "train_videos": len(train_ex), "heldout_videos": len(held_ex), "rejected_labels": len(bad),
             "clip": list(clip)}
     existing = _read_json(out / "config.json") if out.exists() else None
