@@ -363,8 +363,9 @@ def run(config, workdir: str) -> Path:
         logging.warning("train_reward: reward.phase2.steps=0: the patch head is untrained; patch rewards are "
                         "meaningless")
 
+    headline = ("mean", "retrieval_top1", "match_auroc")  # phases 1/2 report a mean, phase 0 its retrieval
     info = {"phases": {f"phase{p}": int(r[f"phase{p}"].steps) for p in reports},
-            "eval": {f"phase{p}": {k: v for k, v in (rep or {}).items() if k in ("mean", "retrieval_top1", "match_auroc")}
+            "eval": {f"phase{p}": {k: v for k, v in (rep or {}).items() if k in headline}
                      for p, rep in reports.items()},
             "train_videos": len(train_ex), "heldout_videos": len(held_ex), "rejected_labels": len(bad),
             "clip": list(clip)}
