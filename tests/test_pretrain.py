@@ -56,6 +56,11 @@ def test_pretrain_phases_resume_and_export(tmp_path, monkeypatch):
         assert (tmp_path / "pretrain" / phase / "done.json").exists()
     stats = json.loads((tmp_path / "pretrain" / "latents" / "done.json").read_text())
     assert len(stats["latents_std"]) == 4 and all(s > 0 for s in stats["latents_std"])
+    reliance = json.loads((tmp_path / "pretrain" / "dit" / "done.json").read_text())["prompt_reliance"]
+    assert set(reliance) == {"sigma_0.5", "sigma_0.8", "sigma_0.95"}
+    for loss in reliance.values():
+        assert np.isfinite([loss["prompt"], loss["empty"]]).all()
+        assert loss["gap"] == pytest.approx(loss["empty"] - loss["prompt"])
 
     pipe = load_pipeline(tmp_path / "base_ckpt")
     assert pipe.max_text_length == 16
@@ -77,3 +82,34 @@ def test_foreground_weights_mark_pixels_off_the_clip_median_colour():
     expected[0, 0, 1, 2:4, 5:7] = 11.0
     expected[1, 0, 0, 0, 0] = 11.0
     np.testing.assert_array_equal(w, expected)
+
+
+def test_prompt_reliance_is_zero_for_a_denoiser_blind_to_its_prompt():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from halo_jax.diffusion import FlowMatching
+    from halo_jax.train.objectives import prompt_reliance
+
+    class Denoiser(nnx.Module):
+        """Predicts -x_t, plus the prompt's mean feature when `reads_prompt`."""
+
+        def __init__(self, reads_prompt: bool):
+            self.reads_prompt = reads_prompt
+
+        def __call__(self, x, t, text):
+            del t
+            bias = jnp.mean(text, axis=(1, 2))[:, None, None, None, None] if self.reads_prompt else 0.0
+            return -x + bias
+
+    latents = jax.random.normal(jax.random.key(0), (4, 2, 1, 2, 2))
+    text = jnp.ones((4, 3, 5))  # the empty prompt's embedding is zeros
+    args = dict(latents=latents, text=text, null_text=jnp.zeros((3, 5)), key=jax.random.key(1),
+                diffusion=FlowMatching(), sigmas=(0.5, 0.95))
+    blind = prompt_reliance(Denoiser(False), **args)
+    assert set(blind) == {"sigma_0.5", "sigma_0.95"}
+    assert all(v["gap"] == 0.0 and v["prompt"] == v["empty"] for v in blind.values())
+    reading = prompt_reliance(Denoiser(True), **args)
+    # the prompt shifts every prediction by 1, so the two losses differ
+    assert all(abs(v["gap"]) > 0.1 for v in reading.values())

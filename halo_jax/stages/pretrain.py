@@ -9,7 +9,8 @@ Phases, in order; each is resumable and leaves `pretrain/<phase>/done.json` when
     latents  per-channel mean/std of the VAE's posterior means (the checkpoint's
              latents_mean/std) and a store of normalised latents of rendered training videos
     dit      the Wan DiT trained by flow matching on those latents, with the text embedding of
-             every prompt computed once (train/objectives.denoising_loss)
+             every prompt computed once (train/objectives.denoising_loss); done.json keeps its
+             loss with and without the prompt at fixed noise levels (objectives.prompt_reliance)
     export   the whole pipeline as a diffusers-format folder in `base_ckpt/`
 
 Training data come through the grain pipeline (`data/pipeline.py`): rendered videos are a
@@ -50,7 +51,7 @@ from halo_jax.train.checkpoint import Checkpointer
 from halo_jax.train.loop import train_loop
 from halo_jax.train.metrics import MetricsWriter, Progress
 from halo_jax.train.optim import make_optimizer
-from halo_jax.train.objectives import denoising_loss, vae_loss
+from halo_jax.train.objectives import denoising_loss, prompt_reliance, vae_loss
 
 PHASES = ("text", "vae", "latents", "dit", "export")
 
@@ -250,7 +251,15 @@ def run(config, workdir: str) -> Path:
                      cfg.dit, cfg.dit.steps, dit_dir, config, "pretrain/dit")
         if distributed.is_main_process():
             export_transformer(dit, dit_dir / "model")
-        _mark_done(dit_dir, {"steps": cfg.dit.steps})
+        picks = np.linspace(0, len(reader) - 1, min(cfg.dit.batch_size, len(reader))).astype(int)
+        records = [reader[int(i)] for i in picks]
+        with jax.set_mesh(mesh):
+            reliance = prompt_reliance(dit, np.stack([r["latents"] for r in records]),
+                                       jnp.asarray(table[[int(r["prompt_index"]) for r in records]]),
+                                       jnp.asarray(null_text), jax.random.key(config.seed), diffusion=diffusion)
+        logging.info("pretrain/dit: loss with the prompt / the empty prompt: %s", ", ".join(
+            f"{k} {v['prompt']:.3f} / {v['empty']:.3f}" for k, v in reliance.items()))
+        _mark_done(dit_dir, {"steps": cfg.dit.steps, "prompt_reliance": reliance})
 
     # -- export the pipeline
     base = Path(workdir) / "base_ckpt"
