@@ -47,9 +47,14 @@ def denoising_loss(model: Any, batch: dict, key: jax.Array, *, diffusion: Any,
     if text_dropout > 0.0 and null_text is not None:
         drop = jax.random.bernoulli(k_drop, text_dropout, (b, 1, 1))
         text = jnp.where(drop, null_text[None].astype(text.dtype), text)
+    return jnp.mean(denoising_error(model, x0, noise, t, text, diffusion)), {"t_mean": jnp.mean(t)}
+
+
+def denoising_error(model: Any, x0: jax.Array, noise: jax.Array, t: jax.Array, text: jax.Array,
+                    diffusion: Any) -> jax.Array:
+    """(B,): the per-video mean ‖f(x_t, t, c) − target‖² of the denoising loss, for given t and noise n."""
     pred = model(diffusion.noisy(x0, noise, t), t, text).astype(jnp.float32)
-    err = jnp.mean((pred - diffusion.training_target(x0, noise, t)) ** 2, axis=(1, 2, 3, 4))
-    return jnp.mean(err), {"t_mean": jnp.mean(t)}
+    return jnp.mean((pred - diffusion.training_target(x0, noise, t)) ** 2, axis=tuple(range(1, x0.ndim)))
 
 
 def prompt_reliance(model: Any, latents: jax.Array, text: jax.Array, null_text: jax.Array, key: jax.Array, *,
@@ -61,13 +66,11 @@ def prompt_reliance(model: Any, latents: jax.Array, text: jax.Array, null_text: 
     x0 = jnp.asarray(latents, jnp.float32)
     noise = jax.random.normal(key, x0.shape, jnp.float32)
     null = jnp.broadcast_to(jnp.asarray(null_text, text.dtype)[None], text.shape)
-    forward = nnx.jit(lambda m, x, t, c: m(x, t, c).astype(jnp.float32))
+    loss_at = nnx.jit(lambda m, t, c: jnp.mean(denoising_error(m, x0, noise, t, c, diffusion)))
     out = {}
     for s in sigmas:
         t = jnp.full((x0.shape[0],), s * diffusion.num_train_timesteps, jnp.float32)
-        x_t, target = diffusion.noisy(x0, noise, t), diffusion.training_target(x0, noise, t)
-        loss = {name: float(jnp.mean((forward(model, x_t, t, c) - target) ** 2))
-                for name, c in (("prompt", text), ("empty", null))}
+        loss = {name: float(loss_at(model, t, c)) for name, c in (("prompt", text), ("empty", null))}
         out[f"sigma_{s}"] = {**loss, "gap": loss["empty"] - loss["prompt"]}
     return out
 
