@@ -102,6 +102,17 @@ def test_report_and_table():
     assert rep["mean"]["video_pairwise_accuracy"] == pytest.approx(1.0)
     table = metrics.format_report(rep, "title")
     assert table.splitlines()[0] == "title" and "v.spearman" in table and "mean" in table
+    assert "overall" not in rep and "overall" not in table
+    # the overall reward R = sum_a w_a s_a / sum_a w_a of prediction and label: y predicted backwards
+    mixed = np.stack([vt[:, 0], -vt[:, 1]], 1)
+    for w, expected in (((1.0, 0.0), 1.0), ((0.0, 2.0), -1.0)):
+        over = metrics.evaluate_predictions(("x", "y"), mixed, vt, np.arange(n) // 4, weights=np.array(w))["overall"]
+        assert over["video_spearman"] == pytest.approx(expected) and over["weights"] == {"x": w[0], "y": w[1]}
+    both = metrics.evaluate_predictions(("x", "y"), mixed, vt, np.arange(n) // 4, weights=np.array([1.0, 1.0]))
+    assert both["overall"]["video_pearson"] == pytest.approx(metrics.pearson(mixed.sum(1), vt.sum(1)))
+    assert "overall" in metrics.format_report(both)
+    with pytest.raises(ValueError, match="aspect weights"):
+        metrics.evaluate_predictions(("x", "y"), mixed, vt, np.arange(n) // 4, weights=np.array([1.0]))
     flat = metrics.evaluate_predictions(("x",), np.ones((3, 1)), np.array([[1.0], [2.0], [3.0]]), np.zeros(3))
     assert flat["aspects"]["x"]["video_spearman"] is None and "-" in metrics.format_report(flat)  # NaN -> None
 

@@ -99,6 +99,10 @@ def test_train_reward_learns_and_reports(trained, capsys):
     assert "patch_mse" in read_metrics(root / "phase2" / "metrics.jsonl")[-1]
     info = json.loads((trained / "reward_ckpt" / "config.json").read_text())["info"]
     assert info["phases"] == {"phase1": 200, "phase2": 2} and info["clip"] == list(CLIP)
+    # the overall reward of score.aspect_weights (visual quality alone here) is reported and kept with the export
+    assert ev2["overall"]["weights"] == {a: float(a == "visual_quality") for a in ev2["aspects"]}
+    assert ev2["overall"]["video_spearman"] == pytest.approx(ev2["aspects"]["visual_quality"]["video_spearman"])
+    assert info["eval"]["phase2"]["overall"]["video_spearman"] == ev2["overall"]["video_spearman"]
 
 
 def test_resumed_phase_ends_equal_to_an_uninterrupted_one(trained, tmp_path):
@@ -195,6 +199,9 @@ def test_score_writes_the_schema_pairs_reads(trained, tmp_path):
     config.score.aspect_weights = {"sharpness": 1.0}
     with pytest.raises(ConfigError, match="sharpness"):
         score_stage.run(config, str(tmp_path / "w"))
+    with pytest.raises(ConfigError, match="score.aspect_weights.*sharpness"):  # before any training
+        train_reward.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "reward").exists()
 
 
 def _label(vid, prompt, **changes):

@@ -20,7 +20,9 @@ accuracy; patch Spearman (over every cell of every video with patch labels), its
 (`spearman_ceiling` of the labels: where most cells are tied at 5 no continuous prediction
 can reach 1) and the AUROC of detecting defects (a cell whose teacher score is below
 `defect_threshold`) from the negated predicted patch score (a low predicted score flags a
-defect). The video Spearman's ceiling is reported the same way.
+defect). The video Spearman's ceiling is reported the same way. Given aspect weights w, the
+report's `overall` entry gives the same video metrics for the overall reward
+R = sum_a w_a s_a / sum_a w_a of prediction and teacher alike: the score the `pairs` stage ranks by.
 """
 
 from __future__ import annotations
@@ -129,13 +131,15 @@ PATCH_METRICS = ("patch_spearman", "patch_spearman_ceiling", "patch_defect_auroc
 def evaluate_predictions(aspects: Sequence[str], video_pred: np.ndarray, video_true: np.ndarray,
                          groups: np.ndarray, patch_pred: np.ndarray | None = None,
                          patch_true: np.ndarray | None = None, has_patch: np.ndarray | None = None,
-                         defect_threshold: float = 3.0) -> dict:
+                         defect_threshold: float = 3.0, weights: np.ndarray | None = None) -> dict:
     """The per-aspect report (module docstring).
 
     video_pred/true (N, A); groups (N,) prompt ids (pairs are formed within a group);
-    patch_pred/true (N, A, Tp, Hp, Wp) and has_patch (N,) bool (videos with patch labels).
+    patch_pred/true (N, A, Tp, Hp, Wp) and has_patch (N,) bool (videos with patch labels);
+    weights (A,) aspect weights of the overall reward (None: no `overall` entry).
     Returns {"aspects": {aspect: {metric: value}}, "mean": {metric: mean over aspects},
-    "counts": {...}}; NaN values (undefined metrics) become None so the report is strict JSON.
+    ["overall": {video metric: value, "weights": {aspect: w}},] "counts": {...}}; NaN values
+    (undefined metrics) become None so the report is strict JSON.
     """
     video_pred, video_true = np.asarray(video_pred, np.float64), np.asarray(video_true, np.float64)
     n, a = video_true.shape
@@ -143,15 +147,10 @@ def evaluate_predictions(aspects: Sequence[str], video_pred: np.ndarray, video_t
         raise ValueError(f"video predictions {video_pred.shape} and labels {video_true.shape} must both be "
                          f"(N, {len(aspects)}) for aspects {list(aspects)}")
     per: dict[str, dict] = {}
-    pairs = 0
     defects = 0
     patch_videos = 0
     for k, name in enumerate(aspects):
-        acc, pairs = pairwise_accuracy(video_pred[:, k], video_true[:, k], groups)
-        m = {"video_pearson": pearson(video_pred[:, k], video_true[:, k]),
-             "video_spearman": spearman(video_pred[:, k], video_true[:, k]),
-             "video_spearman_ceiling": spearman_ceiling(video_true[:, k]),
-             "video_pairwise_accuracy": acc, "video_pairs": pairs}
+        m = _video_metrics(video_pred[:, k], video_true[:, k], groups)
         if patch_pred is not None and has_patch is not None and np.any(has_patch):
             sel = np.asarray(has_patch, bool)
             patch_videos = int(sel.sum())
@@ -172,10 +171,23 @@ def evaluate_predictions(aspects: Sequence[str], video_pred: np.ndarray, video_t
     for metric in VIDEO_METRICS + PATCH_METRICS:
         vals = [per[name][metric] for name in aspects if not math.isnan(per[name][metric])]
         mean[metric] = float(np.mean(vals)) if vals else math.nan
-    report = {"aspects": per, "mean": mean,
-              "counts": {"videos": int(n), "patch_videos": patch_videos, "defect_cells": defects,
+    report = {"aspects": per, "mean": mean}
+    if weights is not None:
+        w = np.asarray(weights, np.float64)
+        if w.shape != (a,) or w.sum() <= 0:
+            raise ValueError(f"aspect weights {w.tolist()} must be {a} values for aspects {list(aspects)}, "
+                             f"summing to more than 0")
+        report["overall"] = {**_video_metrics(video_pred @ w / w.sum(), video_true @ w / w.sum(), groups),
+                             "weights": dict(zip(aspects, w.tolist()))}
+    report |= {"counts": {"videos": int(n), "patch_videos": patch_videos, "defect_cells": defects,
                          "defect_threshold": float(defect_threshold)}}
     return _json_safe(report)
+
+
+def _video_metrics(pred: np.ndarray, true: np.ndarray, groups: np.ndarray) -> dict:
+    acc, pairs = pairwise_accuracy(pred, true, groups)
+    return {"video_pearson": pearson(pred, true), "video_spearman": spearman(pred, true),
+            "video_spearman_ceiling": spearman_ceiling(true), "video_pairwise_accuracy": acc, "video_pairs": pairs}
 
 
 def _json_safe(x):
@@ -187,11 +199,14 @@ def _json_safe(x):
 
 
 def format_report(report: dict, title: str = "") -> str:
-    """A plain-text table: one row per aspect (and the mean), one column per metric."""
+    """A plain-text table: one row per aspect (then the mean, and the overall reward when the report
+    has it: video columns only), one column per metric."""
     cols = [("video_pearson", "v.pearson"), ("video_spearman", "v.spearman"), ("video_spearman_ceiling", "v.sp.ceil"),
             ("video_pairwise_accuracy", "v.pair_acc"), ("patch_spearman", "p.spearman"),
             ("patch_spearman_ceiling", "p.sp.ceil"), ("patch_defect_auroc", "p.auroc")]
     rows = [(name, m) for name, m in report["aspects"].items()] + [("mean", report["mean"])]
+    if "overall" in report:
+        rows.append(("overall", report["overall"]))
     width = max(len(r[0]) for r in rows) + 2
 
     def cell(v) -> str:

@@ -51,6 +51,15 @@ def model_path(config, workdir: str) -> Path:
     return path
 
 
+def config_aspect_weights(config, aspects) -> np.ndarray:
+    """(A,) weights of the overall reward from `score.aspect_weights` (every aspect 1 without a `score`
+    section), checked against the reward model's `aspects` (a ConfigError names the setting)."""
+    try:
+        return aspect_weight_vector(dict(config.score.aspect_weights) if "score" in config else {}, aspects)
+    except ValueError as e:
+        raise ConfigError(f"score.aspect_weights: {e}") from None
+
+
 def run(config, workdir: str, out: Path | None = None) -> Path:
     s = config.score
     rollouts = Path(workdir) / "rollouts"
@@ -61,10 +70,7 @@ def run(config, workdir: str, out: Path | None = None) -> Path:
     loaded = load_reward_model(model_path(config, workdir), local, config.sharding.rules)
     cfg = loaded.model.config
     aspects = list(cfg.aspects)
-    try:
-        weights = aspect_weight_vector(dict(s.aspect_weights), aspects)
-    except ValueError as e:
-        raise ConfigError(f"score.aspect_weights: {e}") from None
+    weights = config_aspect_weights(config, aspects)
     clip = loaded.info.get("info", {}).get("clip")
     scorer = Scorer(loaded.model, loaded.tokenizer, loaded.text_max_length, s.batch_size, mesh=local,
                     rules=config.sharding.rules)

@@ -47,6 +47,7 @@ from halo_jax.reward.model_io import (
     tokenize,
 )
 from halo_jax.reward.scorer import Scorer
+from halo_jax.stages.score import config_aspect_weights
 from halo_jax.train.optim import make_optimizer
 from halo_jax.train import state as state_lib
 from halo_jax.train.checkpoint import Checkpointer
@@ -186,10 +187,12 @@ def evaluate(model, tokenizer, text_max_length: int, held: rdata.RewardData, con
         pp.append(out["patch"])
     ex = held.examples
     patch_true = np.stack([e.patch_scores if e.patch_scores is not None else np.zeros_like(pp[0][0]) for e in ex])
+    aspects = tuple(config.aspects)
     return evaluate_predictions(
-        tuple(config.aspects), np.concatenate(vp), np.stack([e.video_scores for e in ex]),
+        aspects, np.concatenate(vp), np.stack([e.video_scores for e in ex]),
         np.array([held.prompt_ids[e.prompt] for e in ex]), np.concatenate(pp), patch_true,
-        np.array([e.patch_scores is not None for e in ex]), float(config.defect_threshold))
+        np.array([e.patch_scores is not None for e in ex]), float(config.defect_threshold),
+        weights=config_aspect_weights(config, aspects))
 
 
 def evaluate_matching(model, held: rdata.RewardData, config) -> dict:
@@ -316,6 +319,7 @@ def run(config, workdir: str) -> Path:
     aspects, grid = tuple(config.aspects), tuple(int(g) for g in config.grid)
     clip = (int(r.video.frames), int(r.video.height), int(r.video.width))
     mesh = mesh_lib.make_mesh(config.mesh)
+    config_aspect_weights(config, aspects)  # the held-out report's overall reward: fail before training
 
     examples, readers, bad = gather_examples(config, workdir, root)
     for line in bad.summary_lines():
@@ -363,7 +367,7 @@ def run(config, workdir: str) -> Path:
         logging.warning("train_reward: reward.phase2.steps=0: the patch head is untrained; patch rewards are "
                         "meaningless")
 
-    headline = ("mean", "retrieval_top1", "match_auroc")  # phases 1/2 report a mean, phase 0 its retrieval
+    headline = ("mean", "overall", "retrieval_top1", "match_auroc")  # phases 1/2: mean, overall; 0: retrieval
     info = {"phases": {f"phase{p}": int(r[f"phase{p}"].steps) for p in reports},
             "eval": {f"phase{p}": {k: v for k, v in (rep or {}).items() if k in headline}
                      for p, rep in reports.items()},
