@@ -102,23 +102,28 @@ def pretrain_config() -> ml_collections.ConfigDict:
                       "relative_attention_num_buckets": 16, "relative_attention_max_distance": 32},
         },
         "vae": {
-            # 4x spatial and 4x temporal compression: 9 x 32 x 32 frames -> 3 x 8 x 8 latents
-            "model": {"base_dim": 8, "z_dim": 8, "dim_mult": (1, 2, 2), "num_res_blocks": 1,
-                      "temperal_downsample": (True, True)},
-            "num_seeds": 256, "kl_weight": 1e-4, "posterior_noise": 1.0,
+            # 2x spatial and 2x temporal compression: 9 x 32 x 32 frames -> 5 x 16 x 16 latents
+            "model": {"base_dim": 8, "z_dim": 8, "dim_mult": (1, 2), "num_res_blocks": 1,
+                      "temperal_downsample": (True,)},
+            # posterior_noise scales the reparameterisation noise: at 1.0 the decoder learns the average object
+            "num_seeds": 256, "kl_weight": 1e-4, "posterior_noise": 0.1,
             # (clip frames, steps, batch size, foreground weight): stages of a curriculum, each
-            # warm-started from the previous one. Objects cover ~5% of a frame: an unweighted loss
-            # first learns the backgrounds (~200 steps), then weighting the object pixels
-            # (train/objectives.vae_loss) makes it learn the objects instead of painting them over.
-            "curriculum": ((9, 300, 6, 0.0), (9, 700, 6, 10.0)),
+            # warm-started from the previous one. Single frames first (the causal VAE's image path,
+            # 48 scenes per batch): unweighted, it learns the backgrounds; then weighting the object
+            # pixels (train/objectives.vae_loss; objects cover ~5% of a frame) teaches the objects;
+            # last, 9-frame clips train the video path (the causal convolutions' other taps).
+            "curriculum": ((1, 100, 48, 0.0), (1, 300, 48, 10.0), (9, 200, 6, 10.0)),
             "learning_rate": 2e-3, "warmup_steps": 30, "grad_clip": 1.0, "weight_decay": 0.0,
         },
         "latents": {"stats_videos": 256, "num_seeds": 8, "batch_size": 16, "chunk_size": 256},
         "dit": {
+            # 320 tokens. Many small steps, the cosine schedule run to its end: at batch 32 (4x fewer
+            # steps in the same time) and at checkpoints taken before the decay, samples are noise
             "model": {"patch_size": (1, 2, 2), "num_attention_heads": 4, "attention_head_dim": 24, "ffn_dim": 256,
                       "freq_dim": 64, "num_layers": 4},
-            "shift": 1.0, "timestep_sampling": "logit_normal", "text_dropout": 0.1,
-            **_training(steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=100),
+            # sigmas drawn uniformly and shifted by 3, as the sampler spaces its steps
+            "shift": 3.0, "timestep_sampling": "uniform", "text_dropout": 0.1,
+            **_training(steps=6000, batch_size=8, learning_rate=2e-3, warmup_steps=100),
         },
         "sampler": {"name": "unipc", "shift": 3.0},
     })

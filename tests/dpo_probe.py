@@ -2,7 +2,7 @@
 
     python tests/dpo_probe.py DEMO_WORKDIR OUT.json
 
-The reduced demo's DPO settings with 8 steps at lr 1e-3 on the shipped model; the metrics of the
+The reduced demo's DPO settings with 16 steps at lr 1e-3 on the shipped model; the metrics of the
 parameters before the first step and after the last, both with the same timesteps and noise (the
 probe state's rng and step are reset), written as {"before": {...}, "after": {...}}. A subprocess,
 like every other demo run: the pytest worker itself never runs the sharded 8-device programs.
@@ -28,7 +28,7 @@ from halo_jax.stages.train_dpo import make_dpo_step, pair_batches  # noqa: E402
 from halo_jax.train.optim import make_optimizer  # noqa: E402
 from reduced_demo import get_config  # noqa: E402
 
-STEPS, LEARNING_RATE, ROWS = 8, 1e-3, 8
+STEPS, LEARNING_RATE, ROWS = 16, 1e-3, 8
 
 
 def main(workdir: Path, out: Path) -> None:

@@ -66,7 +66,8 @@ def test_pretrain_phases_resume_and_export(tmp_path, monkeypatch):
     assert pipe.max_text_length == 16
     gen = Generator(pipe, frames=5, height=16, width=16, num_steps=2, guidance_scale=3.0)
     latents, frames = gen.generate(["a red circle moving right on a black background"], [0])
-    assert latents.shape == (1, 4, 2, 4, 4) and frames.shape == (1, 5, 16, 16, 3) and frames.dtype == np.uint8
+    # the default VAE compresses 2x in time (causal: 1 + 4 / 2 latent frames) and 2x in space
+    assert latents.shape == (1, 4, 3, 8, 8) and frames.shape == (1, 5, 16, 16, 3) and frames.dtype == np.uint8
 
 
 def test_foreground_weights_mark_pixels_off_the_clip_median_colour():
