@@ -32,6 +32,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from halo_jax.reward.scorer import overall_reward
+
 
 def rankdata(x: np.ndarray) -> np.ndarray:
     """Average ranks (1-based) of a 1-D array; ties share the mean of the ranks they span."""
@@ -177,7 +179,7 @@ def evaluate_predictions(aspects: Sequence[str], video_pred: np.ndarray, video_t
         if w.shape != (a,) or w.sum() <= 0:
             raise ValueError(f"aspect weights {w.tolist()} must be {a} values for aspects {list(aspects)}, "
                              f"summing to more than 0")
-        report["overall"] = {**_video_metrics(video_pred @ w / w.sum(), video_true @ w / w.sum(), groups),
+        report["overall"] = {**_video_metrics(overall_reward(video_pred, w), overall_reward(video_true, w), groups),
                              "weights": dict(zip(aspects, w.tolist()))}
     report |= {"counts": {"videos": int(n), "patch_videos": patch_videos, "defect_cells": defects,
                          "defect_threshold": float(defect_threshold)}}
