@@ -85,16 +85,20 @@ def all_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
     `compare` on the demo's pairs, which also holds tests/dpo_probe.py's output (both started when the demo
     finishes)."""
     one, two, cmp = (tmp_path_factory.mktemp(n) for n in ("one_x8", "two_x4", "compare"))
+    # One persistent compilation cache: stage compare and the probe start after the demo and reuse the
+    # programs it compiled for the same 8 devices (the sampler, the decoder, the reward model, the DPO step).
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     # The 2 x 4 run starts first: its process 0 compiles for both processes, the longest chain.
     multi = _start(["bash", "launch/local.sh", "2", "4", f"--config={CONFIG}:multihost", f"--workdir={two}"],
-                   {**_env(4), "PYTHON": sys.executable, "GRACE": "5"}, two / "run.log")
+                   {**_env(4, **cache), "PYTHON": sys.executable, "GRACE": "5"}, two / "run.log")
     try:
-        single = _start([sys.executable, "-m", "halo_jax.main", f"--config={CONFIG}", f"--workdir={one}"], _env(8),
-                        one / "run.log")
+        single = _start([sys.executable, "-m", "halo_jax.main", f"--config={CONFIG}", f"--workdir={one}"],
+                        _env(8, **cache), one / "run.log")
         _finish(single, one / "run.log", "1 process x 8 devices (the demo)")
         compare = _start([sys.executable, "-m", "halo_jax.main", f"--config={CONFIG}:compare", f"--workdir={cmp}",
-                          f"--config.dpo.pairs_dir={one / 'pairs'}"], _env(8), cmp / "run.log")
-        probe = _start([sys.executable, "tests/dpo_probe.py", str(one), str(cmp / "dpo_probe.json")], _env(8),
+                          f"--config.dpo.pairs_dir={one / 'pairs'}"], _env(8, **cache), cmp / "run.log")
+        probe = _start([sys.executable, "tests/dpo_probe.py", str(one), str(cmp / "dpo_probe.json")], _env(8, **cache),
                        cmp / "dpo_probe.log")
     except BaseException:  # the demo failed: its log is the report; do not wait for the other run
         _kill(multi)
@@ -191,8 +195,9 @@ def test_multihost_rollouts_and_labels_are_identical(runs):
     for vid in a:
         for key in ("prompt", "prompt_index", "sample_index", "seed"):
             assert a[vid][key] == b[vid][key], (vid, key)
-        # the sampler's 10 steps compound reduction-order differences (seen: 1.4e-5 on values ~0.03)
-        np.testing.assert_allclose(b[vid]["latents"], a[vid]["latents"], rtol=10 * RTOL, atol=10 * ATOL, err_msg=vid)
+        # the sampler's 10 guided steps compound reduction-order differences (seen: up to 1.5e-4 on the
+        # unit-variance normalised latents): 1e-3, three orders of magnitude below their scale
+        np.testing.assert_allclose(b[vid]["latents"], a[vid]["latents"], rtol=10 * RTOL, atol=1e-3, err_msg=vid)
         # latents equal to float32 tolerance decode to values that may round to the other side of a uint8 step
         diff = np.abs(b[vid]["frames"].astype(int) - a[vid]["frames"].astype(int))
         assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (vid, diff.max(), np.mean(diff > 0))

@@ -2,11 +2,14 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from halo_jax import main as main_lib
 from halo_jax.config import base_config, pretrain_config
+from halo_jax.models.text import load_umt5
 from halo_jax.models.wan.pipeline import Generator, load_pipeline
 from halo_jax.train import checkpoint as checkpoint_lib
 from halo_jax.train.loop import Preempted
@@ -64,6 +67,11 @@ def test_pretrain_phases_resume_and_export(tmp_path, monkeypatch):
 
     pipe = load_pipeline(tmp_path / "base_ckpt")
     assert pipe.max_text_length == 16
+    # the umT5 was trained with the DiT (dit.train_text_encoder): the pipeline carries the trained one
+    initial = load_umt5(tmp_path / "pretrain" / "text" / "text_encoder")
+    moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(nnx.state(initial, nnx.Param)),
+                                                          jax.tree.leaves(nnx.state(pipe.text_encoder, nnx.Param)))]
+    assert max(moved) > 1e-4
     gen = Generator(pipe, frames=5, height=16, width=16, num_steps=2, guidance_scale=3.0)
     latents, frames = gen.generate(["a red circle moving right on a black background"], [0])
     # the default VAE compresses 2x in time (causal: 1 + 4 / 2 latent frames) and 2x in space

@@ -13,6 +13,7 @@ from halo_jax.models.reward.reward_model import (
     TOWER_LORA_TARGETS,
     RewardModel,
     RewardModelConfig,
+    ScoreHead,
     apply_tower_lora,
     load_towers,
     pool_tokens,
@@ -251,3 +252,25 @@ def test_match_features_are_the_matching_probabilities_of_video_and_cells():
             assert float(cell[b][c][0]) == pytest.approx(expected, rel=1e-5), (b, c)
     out = model(frames, ids, mask)
     assert out["video"].shape == (2, len(cfg.aspects)) and out["patch"].shape == (2, len(cfg.aspects), *GRID)
+
+
+def test_clipped_scores_stay_in_range_with_the_identity_gradient():
+    """clip_scores: the value is clip(s, 1, 5), the gradient the unclipped head's (straight-through), so a
+    label at a bound is met by any score beyond it while a score beyond a bound still learns a label inside."""
+    kw = dict(dim=4, hidden=8, aspects=3, offset=3.0, rngs=nnx.Rngs(0))
+    free, clipped = ScoreHead(**kw), ScoreHead(**kw, clip=True)
+    nnx.update(clipped, nnx.state(free))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)) * 40.0, jnp.float32)  # raw scores far off 1..5
+    raw, out = free(x), clipped(x)
+    assert float(raw.min()) < 1.0 and float(raw.max()) > 5.0
+    np.testing.assert_array_equal(out, jnp.clip(raw, 1.0, 5.0))
+
+    def grads(head, fn):
+        return jax.tree.leaves(nnx.grad(lambda h: fn(h(x)))(head))
+
+    for g_free, g_clip in zip(grads(free, jnp.sum), grads(clipped, jnp.sum)):
+        np.testing.assert_allclose(g_clip, g_free, rtol=1e-6)
+    # squared error to the label 5: zero where the raw score is above 5, whatever its size
+    above = raw > 5.0
+    np.testing.assert_array_equal(np.asarray((out - 5.0) ** 2)[np.asarray(above)], 0.0)
+    assert any(float(jnp.abs(g).max()) > 0 for g in grads(clipped, lambda s: jnp.sum((s - 3.0) ** 2 * above)))

@@ -2,15 +2,17 @@
 
 Phases, in order; each is resumable and leaves `pretrain/<phase>/done.json` when finished:
 
-    text     the world's word tokenizer and a randomly initialised umT5, kept frozen (the DiT
-             learns to read its features; the vocabulary is closed, so nothing is lost)
+    text     the world's word tokenizer and a randomly initialised umT5 (kept frozen, unless
+             `dit.train_text_encoder` trains it with the DiT)
     vae      the Wan VAE trained on rendered videos (train/objectives.vae_loss), over a curriculum of
              (clip length, steps, batch, foreground weight) stages, each warm-started from the last
     latents  per-channel mean/std of the VAE's posterior means (the checkpoint's
              latents_mean/std) and a store of normalised latents of rendered training videos
     dit      the Wan DiT trained by flow matching on those latents, with the text embedding of
-             every prompt computed once (train/objectives.denoising_loss); done.json keeps its
-             loss with and without the prompt at fixed noise levels (objectives.prompt_reliance)
+             every prompt computed once (train/objectives.denoising_loss), or with `dit.train_text_encoder`
+             the umT5 trained with it (objectives.text_denoising_loss; written to dit/text_encoder);
+             done.json keeps its loss with and without the prompt at fixed noise levels
+             (objectives.prompt_reliance)
     export   the whole pipeline as a diffusers-format folder in `base_ckpt/`
 
 Training data come through the grain pipeline (`data/pipeline.py`): rendered videos are a
@@ -51,7 +53,7 @@ from halo_jax.train.checkpoint import Checkpointer
 from halo_jax.train.loop import train_loop
 from halo_jax.train.metrics import MetricsWriter, Progress
 from halo_jax.train.optim import make_optimizer
-from halo_jax.train.objectives import denoising_loss, prompt_reliance, vae_loss
+from halo_jax.train.objectives import denoising_loss, prompt_reliance, text_denoising_loss, vae_loss
 
 PHASES = ("text", "vae", "latents", "dit", "export")
 
@@ -82,6 +84,19 @@ class RenderedVideos:
             frames = frames[start:start + self.clip_frames]
         video = np.transpose(frames.astype(np.float32) / 127.5 - 1.0, (3, 0, 1, 2))
         return {"video": video, "prompt_index": np.int32(p), "seed": np.int32(s)}
+
+
+class TextAndDiT(nnx.Module):
+    """The umT5 text encoder and the DiT as one model, trained together (`dit.train_text_encoder`)."""
+
+    def __init__(self, text: nnx.Module, dit: nnx.Module):
+        self.text, self.dit = text, dit
+
+
+def _embed(text_encoder, ids, mask, null_ids, null_mask) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings of the prompts (P, L, D), zero past each prompt; the empty prompt's (L, D))."""
+    table = np.asarray(text_embeddings(text_encoder, ids, mask)[0])
+    return table, np.asarray(text_embeddings(text_encoder, null_ids, null_mask)[0][0])
 
 
 def _done(folder: Path) -> bool:
@@ -231,26 +246,42 @@ def run(config, workdir: str) -> Path:
 
     # -- dit
     dit_dir = out / "dit"
+    joint = cfg.dit.train_text_encoder
     null_ids, null_mask = encode_prompts(tokenizer, [""], max_length=cfg.text.max_length)
-    null_text = np.asarray(text_embeddings(text_encoder, null_ids, null_mask)[0][0])
+    ids, mask = encode_prompts(tokenizer, prompts, max_length=cfg.text.max_length)
     if not _done(dit_dir):
-        ids, mask = encode_prompts(tokenizer, prompts, max_length=cfg.text.max_length)
-        table = np.asarray(text_embeddings(text_encoder, ids, mask)[0])  # (P, L, D), zero past each prompt
         dcfg = WanTransformerConfig(**cfg.dit.model, in_channels=vae.config.z_dim, out_channels=vae.config.z_dim,
                                     text_dim=text_encoder.config.d_model)
         dit = create_sharded(lambda: WanTransformer3D(dcfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
         reader = StoreReader(store_dir, on_corrupt="skip")
         _check_batch(cfg.dit.batch_size, mesh)
+        diffusion = FlowMatching(shift=cfg.dit.shift, timestep_sampling=cfg.dit.timestep_sampling)
+        shardings = {"latents": batch_sharding(mesh, 5)}
+        if joint:  # the prompts' token ids go in; the loss embeds them with the encoder being trained
+            model = TextAndDiT(text_encoder, dit)
+            shardings.update(ids=batch_sharding(mesh, 2), mask=batch_sharding(mesh, 2))
+            loss = functools.partial(text_denoising_loss, diffusion=diffusion, null_ids=jnp.asarray(null_ids),
+                                     null_mask=jnp.asarray(null_mask), text_dropout=cfg.dit.text_dropout)
+            transform = lambda r: {"latents": r["latents"], "ids": ids[r["prompt_index"]],  # noqa: E731
+                                   "mask": mask[r["prompt_index"]]}
+        else:  # every prompt embedded once by the frozen encoder
+            table, null_text = _embed(text_encoder, ids, mask, null_ids, null_mask)
+            model, shardings["text"] = dit, batch_sharding(mesh, 3)
+            loss = functools.partial(denoising_loss, diffusion=diffusion, null_text=jnp.asarray(null_text),
+                                     text_dropout=cfg.dit.text_dropout)
+            transform = lambda r: {"latents": r["latents"], "text": table[r["prompt_index"]]}  # noqa: E731
         data = make_global_iterator(reader, global_batch=cfg.dit.batch_size, seed=config.seed,
                                     rows=distributed.process_local_rows(cfg.dit.batch_size, batch_sharding(mesh, 5)),
-                                    transform=lambda r: {"latents": r["latents"], "text": table[r["prompt_index"]]})
-        diffusion = FlowMatching(shift=cfg.dit.shift, timestep_sampling=cfg.dit.timestep_sampling)
-        loss = functools.partial(denoising_loss, diffusion=diffusion, null_text=jnp.asarray(null_text),
-                                 text_dropout=cfg.dit.text_dropout)
-        dit = _train(dit, loss, data, {"latents": batch_sharding(mesh, 5), "text": batch_sharding(mesh, 3)},
-                     cfg.dit, cfg.dit.steps, dit_dir, config, "pretrain/dit")
+                                    transform=transform)
+        _train(model, loss, data, shardings, cfg.dit, cfg.dit.steps, dit_dir, config, "pretrain/dit")
         if distributed.is_main_process():
             export_transformer(dit, dit_dir / "model")
+            if joint:
+                export_umt5(text_encoder, dit_dir / "text_encoder")
+        distributed.barrier("pretrain-dit-export")
+        if joint:
+            text_encoder = load_umt5(dit_dir / "text_encoder", mesh=mesh, rules=rules)
+        table, null_text = _embed(text_encoder, ids, mask, null_ids, null_mask)
         picks = np.linspace(0, len(reader) - 1, min(cfg.dit.batch_size, len(reader))).astype(int)
         records = [reader[int(i)] for i in picks]
         with jax.set_mesh(mesh):
@@ -259,7 +290,9 @@ def run(config, workdir: str) -> Path:
                                        jnp.asarray(null_text), jax.random.key(config.seed), diffusion=diffusion)
         logging.info("pretrain/dit: loss with the prompt / the empty prompt: %s", ", ".join(
             f"{k} {v['prompt']:.3f} / {v['empty']:.3f}" for k, v in reliance.items()))
-        _mark_done(dit_dir, {"steps": cfg.dit.steps, "prompt_reliance": reliance})
+        _mark_done(dit_dir, {"steps": cfg.dit.steps, "train_text_encoder": joint, "prompt_reliance": reliance})
+    elif joint:
+        text_encoder = load_umt5(dit_dir / "text_encoder", mesh=mesh, rules=rules)
 
     # -- export the pipeline
     base = Path(workdir) / "base_ckpt"

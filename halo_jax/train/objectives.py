@@ -6,6 +6,8 @@ Denoising (flow matching or epsilon prediction, per `diffusion.prediction_type`)
     L_denoise = mean ‖f(x_t, t, c) − diffusion.training_target(x0, n, t)‖²
     with prompt dropout: c replaced by the empty prompt's embedding with probability p
     (so classifier-free guidance has an unconditional model to contrast with).
+    `text_denoising_loss` trains the text encoder E with the denoiser: c = E(prompt ids), and the
+    empty prompt's embedding is E(empty ids) under the current weights.
 
 Prompt reliance (a diagnostic of the denoiser, `prompt_reliance`): at fixed noise levels s,
 the same loss with the prompt and with the empty prompt on the same (x0, n),
@@ -34,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from halo_jax.models.text.umt5 import prompt_embeddings
+
 
 def denoising_loss(model: Any, batch: dict, key: jax.Array, *, diffusion: Any,
                    null_text: jax.Array | None = None, text_dropout: float = 0.0) -> tuple[jax.Array, dict]:
@@ -48,6 +52,16 @@ def denoising_loss(model: Any, batch: dict, key: jax.Array, *, diffusion: Any,
         drop = jax.random.bernoulli(k_drop, text_dropout, (b, 1, 1))
         text = jnp.where(drop, null_text[None].astype(text.dtype), text)
     return jnp.mean(denoising_error(model, x0, noise, t, text, diffusion)), {"t_mean": jnp.mean(t)}
+
+
+def text_denoising_loss(model: Any, batch: dict, key: jax.Array, *, diffusion: Any, null_ids: jax.Array,
+                        null_mask: jax.Array, text_dropout: float = 0.0) -> tuple[jax.Array, dict]:
+    """`denoising_loss` of `model.dit` with the prompts embedded by the trained `model.text` (umT5):
+    `batch`: latents (B, C, F, H, W), ids and mask (B, L); `null_ids`/`null_mask` (1, L) the empty prompt's."""
+    text = prompt_embeddings(model.text, batch["ids"], batch["mask"])
+    null_text = prompt_embeddings(model.text, null_ids, null_mask)[0]
+    return denoising_loss(model.dit, {"latents": batch["latents"], "text": text}, key, diffusion=diffusion,
+                          null_text=null_text, text_dropout=text_dropout)
 
 
 def denoising_error(model: Any, x0: jax.Array, noise: jax.Array, t: jax.Array, text: jax.Array,

@@ -13,8 +13,13 @@
     patch head:  s_patch[c] = score_offset + MLP_p(mean of h over the tokens of cell c)
                  (B, A, Tp, Hp, Wp)
 
-Scores are unbounded reals on the 1..5 label scale (linear output around `score_offset`,
-no squashing, so regression and Bradley-Terry losses never saturate).
+Scores are reals on the 1..5 label scale (linear output around `score_offset`, no squashing,
+so regression and Bradley-Terry losses never saturate). With `clip_scores` each head's output s
+becomes s + sg(clip(s, 1, 5) - s): the value is clipped to the label range, the gradient is the
+identity's. Labels pile up at 5 (a clean cell or video scores exactly 5), and a clipped score can
+tie them there: a regression label at a bound is met by any score beyond it (zero loss, a censored
+regression), while a score beyond the bound with a label inside the range still gets the gradient
+of its clipped error.
 
 Video-text matching (phase 0 of `train_reward`, the towers' own SigLIP-style pretraining where
 no pretrained SigLIP can be loaded): `match_logits` L_ij = exp(logit_scale) cos(v_i, t_j) +
@@ -76,6 +81,7 @@ from halo_jax.models.reward.siglip import (
     stacked,
 )
 from halo_jax.parallel.sharding import DEFAULT_RULES, Rules, param_init
+from halo_jax.teachers.base import SCORE_MAX, SCORE_MIN
 
 Dtype = Any
 DEFAULT_ASPECTS = ("visual_quality", "temporal_consistency", "text_alignment")
@@ -119,6 +125,7 @@ class RewardModelConfig:
     remat: bool = False  # rematerialise encoder / temporal layers in the backward pass
     attention_impl: str = "xla"  # see halo_jax.models.attention
     match_features: bool = False  # the heads also read the video's (cell's) matching probability with its prompt
+    clip_scores: bool = False  # scores clipped to [1, 5] with a straight-through gradient (module docstring)
 
     def __post_init__(self):
         object.__setattr__(self, "grid", as_grid(self.grid))
@@ -234,17 +241,21 @@ class TemporalBlock(nnx.Module):
 
 
 class ScoreHead(nnx.Module):
-    """score_offset + fc2(gelu(fc1(x))): (..., D) -> (..., A)."""
+    """s = score_offset + fc2(gelu(fc1(x))): (..., D) -> (..., A); with `clip` the forward value is
+    clip(s, SCORE_MIN, SCORE_MAX) and the gradient the identity's (straight-through)."""
 
-    def __init__(self, dim: int, hidden: int, aspects: int, offset: float, *, rngs: nnx.Rngs, dtype: Dtype = None,
-                 param_dtype: Dtype = jnp.float32):
-        self.offset = offset
+    def __init__(self, dim: int, hidden: int, aspects: int, offset: float, *, clip: bool = False, rngs: nnx.Rngs,
+                 dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        self.offset, self.clip = offset, clip
         self.fc1 = dense(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc2 = dense(hidden, aspects, ("mlp", None), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                          kernel_init=nnx.initializers.normal(0.02))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.offset + self.fc2(jax.nn.gelu(self.fc1(x))).astype(jnp.float32)
+        s = self.offset + self.fc2(jax.nn.gelu(self.fc1(x))).astype(jnp.float32)
+        if self.clip:
+            s = s + jax.lax.stop_gradient(jnp.clip(s, SCORE_MIN, SCORE_MAX) - s)
+        return s
 
 
 class RewardModel(nnx.Module):
@@ -266,8 +277,10 @@ class RewardModel(nnx.Module):
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
         head_in = d + int(cfg.match_features)
-        self.video_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
-        self.patch_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
+        self.video_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset,
+                                    clip=cfg.clip_scores, **kw)
+        self.patch_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset,
+                                    clip=cfg.clip_scores, **kw)
         def scalar(value: float) -> nnx.Param:
             return nnx.Param(param_init(nnx.initializers.constant(value), None)(rngs.params(), (1,), param_dtype))
 

@@ -302,12 +302,17 @@ def seq_lengths(mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.asarray(mask) > 0, axis=1)
 
 
-@jax.jit
-def _text_embeddings(graphdef, state, ids, mask):
-    model = nnx.merge(graphdef, state)
+def prompt_embeddings(model: UMT5Encoder, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """`text_embeddings` inside a traced function (no checks, no jit of its own): encoder(ids, mask),
+    zeroed past each row's length."""
     hidden = model(ids, mask)
     keep = jnp.arange(ids.shape[1])[None, :] < seq_lengths(mask)[:, None]
     return jnp.where(keep[..., None], hidden, jnp.zeros((), hidden.dtype))
+
+
+@jax.jit
+def _text_embeddings(graphdef, state, ids, mask):
+    return prompt_embeddings(nnx.merge(graphdef, state), ids, mask)
 
 
 def text_embeddings(model: UMT5Encoder, ids: Any, mask: Any) -> tuple[jax.Array, jax.Array]:
