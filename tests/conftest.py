@@ -8,6 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -17,3 +18,20 @@ try:
     torch.set_num_threads(2)
 except ImportError:  # parity tests skip themselves without torch
     pass
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for one test module: a stage run again in the same process (a resumed
+    run) builds new jitted functions, and their programs come from the cache instead of the compiler."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    old_dir = jax.config.jax_compilation_cache_dir
+    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
+    cc.reset_cache()
+    cc.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    cc.set_cache_dir(old_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
+    cc.reset_cache()

@@ -16,6 +16,9 @@ from halo_jax.train.loop import Preempted
 from halo_jax.train.metrics import read_metrics
 
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # the resumed run reuses the compiled steps
+
+
 def tiny_config():
     config = base_config()
     config.stage = "pretrain"

@@ -32,19 +32,7 @@ CLIP = (9, 32, 32)
 ASPECTS = ("visual_quality",)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    old_dir = jax.config.jax_compilation_cache_dir
-    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-    cc.reset_cache()
-    cc.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    cc.set_cache_dir(old_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # a resumed run reuses the compiled steps
 
 
 def make_config(phase1_steps=200, phase2_steps=2):
