@@ -1,6 +1,7 @@
 """Stage `pretrain` on a tiny config: every phase runs, a preempted run resumes, the export loads and generates."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -68,6 +69,8 @@ def test_pretrain_phases_resume_and_export(tmp_path, monkeypatch):
         assert np.isfinite([loss["prompt"], loss["empty"]]).all()
         assert loss["gap"] == pytest.approx(loss["empty"] - loss["prompt"])
 
+    shutil.rmtree(tmp_path / "base_ckpt")  # a run after the DiT phase finished only exports again
+    main_lib.run(config, str(tmp_path))
     pipe = load_pipeline(tmp_path / "base_ckpt")
     assert pipe.max_text_length == 16
     # the umT5 was trained with the DiT (dit.train_text_encoder): the pipeline carries the trained one
@@ -75,6 +78,10 @@ def test_pretrain_phases_resume_and_export(tmp_path, monkeypatch):
     moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(nnx.state(initial, nnx.Param)),
                                                           jax.tree.leaves(nnx.state(pipe.text_encoder, nnx.Param)))]
     assert max(moved) > 1e-4
+    trained = load_umt5(tmp_path / "pretrain" / "dit" / "text_encoder")
+    shipped = jax.tree.leaves(nnx.state(pipe.text_encoder, nnx.Param))
+    for a, b in zip(jax.tree.leaves(nnx.state(trained, nnx.Param)), shipped):
+        np.testing.assert_array_equal(a, b)
     gen = Generator(pipe, frames=5, height=16, width=16, num_steps=2, guidance_scale=3.0)
     latents, frames = gen.generate(["a red circle moving right on a black background"], [0])
     # the default VAE compresses 2x in time (causal: 1 + 4 / 2 latent frames) and 2x in space

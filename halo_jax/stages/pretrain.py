@@ -291,7 +291,8 @@ def run(config, workdir: str) -> Path:
         logging.info("pretrain/dit: loss with the prompt / the empty prompt: %s", ", ".join(
             f"{k} {v['prompt']:.3f} / {v['empty']:.3f}" for k, v in reliance.items()))
         _mark_done(dit_dir, {"steps": cfg.dit.steps, "train_text_encoder": joint, "prompt_reliance": reliance})
-    elif joint:
+    elif json.loads((dit_dir / "done.json").read_text()).get("train_text_encoder", False):
+        # the finished phase, not the config, decides which encoder the exported DiT is paired with
         text_encoder = load_umt5(dit_dir / "text_encoder", mesh=mesh, rules=rules)
 
     # -- export the pipeline
