@@ -278,10 +278,8 @@ def run(config, workdir: str) -> Path:
             export_transformer(dit, dit_dir / "model")
             if joint:
                 export_umt5(text_encoder, dit_dir / "text_encoder")
-        distributed.barrier("pretrain-dit-export")
-        if joint:
-            text_encoder = load_umt5(dit_dir / "text_encoder", mesh=mesh, rules=rules)
-        table, null_text = _embed(text_encoder, ids, mask, null_ids, null_mask)
+        if joint:  # `text_encoder` was trained in place: embed the prompts as the exported pipeline will
+            table, null_text = _embed(text_encoder, ids, mask, null_ids, null_mask)
         picks = np.linspace(0, len(reader) - 1, min(cfg.dit.batch_size, len(reader))).astype(int)
         records = [reader[int(i)] for i in picks]
         with jax.set_mesh(mesh):
