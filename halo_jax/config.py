@@ -208,8 +208,10 @@ def reward_config() -> ml_collections.ConfigDict:
         },
         # -- training: videos of one prompt come in groups (Bradley-Terry pairs form inside a group)
         "group_size": 4,
+        # bound_margin: with model.clip_scores, labels at 1 or 5 ask the raw score to pass the bound by this
+        # much (a censored regression, reward/losses.py), so clean cells tie at 5 as their labels do
         "losses": {"regression": 1.0, "bradley_terry": 0.5, "bt_margin": 0.25, "bt_temperature": 1.0,
-                   "patch": 1.0, "consistency": 0.1},
+                   "patch": 1.0, "consistency": 0.1, "bound_margin": 0.0},
         # phase 0 (0 steps: off): the towers' video-text matching before phase 1 (SigLIP's sigmoid loss on
         # the videos that show their prompt), for towers trained from scratch
         "phase0": phase(steps=0, learning_rate=1e-3),

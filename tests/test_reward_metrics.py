@@ -161,3 +161,28 @@ def test_losses_match_their_definitions():
     assert float(total) == pytest.approx(reg + 0.1 * cons, rel=1e-5)
     with pytest.raises(ValueError, match="regression"):
         losses.LossWeights(regression=0.0, bradley_terry=0.0)
+
+
+def test_censored_errors_ask_bound_labels_for_a_margin_beyond_the_bound():
+    raw = jnp.asarray([6.0, 5.1, 4.9, 0.5, 1.2, 3.5, 6.0])
+    target = jnp.asarray([5.0, 5.0, 5.0, 1.0, 1.0, 3.0, 3.0])
+    pred = jnp.clip(raw, 1.0, 5.0)
+    err = losses.score_error(pred, target, raw, margin=0.2)
+    np.testing.assert_allclose(err, [0.0, -0.1, -0.3, 0.0, 0.4, 0.5, 2.0], atol=1e-6)  # inside: the clipped error
+    np.testing.assert_array_equal(losses.score_error(pred, target), pred - target)  # no raw scores: plain error
+    # margin 0: the squared error of the clipped score (a bound label is met by any raw score beyond it)
+    rng = np.random.default_rng(0)
+    raw = jnp.asarray(rng.uniform(1.0, 9.0, (50,)))
+    fives, clipped = jnp.full((50,), 5.0), jnp.clip(raw, 1.0, 5.0)
+    np.testing.assert_allclose(losses.score_error(clipped, fives, raw), clipped - fives, atol=1e-6)
+    # reward_losses uses the raw scores when the model returns them
+    n, a = 4, 2
+    y = np.where(rng.uniform(size=(n, a)) < 0.5, 5.0, rng.uniform(1.5, 4.5, (n, a)))
+    r = rng.normal(4.5, 1.0, (n, a))
+    batch = {"video_scores": jnp.asarray(y), "patch_scores": jnp.zeros((n, a, 1, 1, 1)), "has_patch": jnp.zeros(n),
+             "valid": jnp.ones(n), "group": jnp.arange(n)}
+    out = {"video": jnp.clip(jnp.asarray(r), 1, 5), "patch": jnp.zeros((n, a, 1, 1, 1)), "video_raw": jnp.asarray(r)}
+    weights = losses.LossWeights(bradley_terry=0.0, bound_margin=0.3)
+    _, m = losses.reward_losses(out, batch, weights, phase=1)
+    expected = np.where(y == 5.0, np.minimum(r - 5.3, 0.0), np.clip(r, 1, 5) - y)
+    assert float(m["video_mse"]) == pytest.approx(np.mean(expected ** 2), rel=1e-5)

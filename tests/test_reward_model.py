@@ -1,5 +1,6 @@
 """HALO reward model: token -> cell pooling, jitted forward, gradients, tower loading."""
 
+import dataclasses
 import math
 
 import jax
@@ -13,8 +14,8 @@ from halo_jax.models.reward.reward_model import (
     TOWER_LORA_TARGETS,
     RewardModel,
     RewardModelConfig,
-    ScoreHead,
     apply_tower_lora,
+    clip_to_label_range,
     load_towers,
     pool_tokens,
     trainable_filter,
@@ -255,22 +256,24 @@ def test_match_features_are_the_matching_probabilities_of_video_and_cells():
 
 
 def test_clipped_scores_stay_in_range_with_the_identity_gradient():
-    """clip_scores: the value is clip(s, 1, 5), the gradient the unclipped head's (straight-through), so a
-    label at a bound is met by any score beyond it while a score beyond a bound still learns a label inside."""
-    kw = dict(dim=4, hidden=8, aspects=3, offset=3.0, rngs=nnx.Rngs(0))
-    free, clipped = ScoreHead(**kw), ScoreHead(**kw, clip=True)
-    nnx.update(clipped, nnx.state(free))
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)) * 40.0, jnp.float32)  # raw scores far off 1..5
-    raw, out = free(x), clipped(x)
+    """clip_scores: the value is clip(s, 1, 5), the gradient the identity's (straight-through), so a score
+    beyond a bound still learns a label inside the range."""
+    raw = jnp.asarray(np.random.default_rng(0).normal(3.0, 4.0, size=(64,)), jnp.float32)  # far off 1..5
     assert float(raw.min()) < 1.0 and float(raw.max()) > 5.0
-    np.testing.assert_array_equal(out, jnp.clip(raw, 1.0, 5.0))
+    np.testing.assert_array_equal(clip_to_label_range(raw), jnp.clip(raw, 1.0, 5.0))
+    np.testing.assert_array_equal(jax.grad(lambda s: jnp.sum(clip_to_label_range(s)))(raw), 1.0)
 
-    def grads(head, fn):
-        return jax.tree.leaves(nnx.grad(lambda h: fn(h(x)))(head))
 
-    for g_free, g_clip in zip(grads(free, jnp.sum), grads(clipped, jnp.sum)):
-        np.testing.assert_allclose(g_clip, g_free, rtol=1e-6)
-    # squared error to the label 5: zero where the raw score is above 5, whatever its size
-    above = raw > 5.0
-    np.testing.assert_array_equal(np.asarray((out - 5.0) ** 2)[np.asarray(above)], 0.0)
-    assert any(float(jnp.abs(g).max()) > 0 for g in grads(clipped, lambda s: jnp.sum((s - 3.0) ** 2 * above)))
+def test_a_clipping_model_returns_clipped_and_raw_scores(model):
+    """With clip_scores the model returns its heads' raw outputs too, and the clipped ones are theirs."""
+    cfg = dataclasses.replace(model.config, clip_scores=True, score_offset=4.9)  # raw scores on both sides of 5
+    clipping = RewardModel(cfg, rngs=nnx.Rngs(0))
+    nnx.update(clipping, nnx.state(model))
+    rng = np.random.default_rng(1)
+    frames = jnp.asarray(rng.integers(0, 256, (2, 5, 28, 28, 3)), jnp.uint8)
+    ids = jnp.asarray(rng.integers(1, cfg.text.vocab_size, (2, 6)))
+    out = clipping(frames, ids)
+    assert set(out) == {"video", "patch", "video_raw", "patch_raw"}
+    for k in ("video", "patch"):
+        np.testing.assert_array_equal(out[k], jnp.clip(out[f"{k}_raw"], 1.0, 5.0))
+    np.testing.assert_allclose(out["video_raw"], model(frames, ids)["video"] + 1.9, rtol=1e-6)

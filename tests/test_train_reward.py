@@ -189,6 +189,10 @@ def test_score_writes_the_schema_pairs_reads(trained, tmp_path):
         score_stage.run(config, str(tmp_path / "w"))
     with pytest.raises(ConfigError, match="score.aspect_weights.*sharpness"):  # before any training
         train_reward.run(config, str(tmp_path / "w"))
+    config.score.aspect_weights = {}
+    config.reward.losses.bound_margin = 0.2
+    with pytest.raises(ConfigError, match="bound_margin=0.2.*clip_scores=True"):  # a margin needs clipped scores
+        train_reward.run(config, str(tmp_path / "w"))
     assert not (tmp_path / "w" / "reward").exists()
 
 

@@ -17,6 +17,15 @@ video against every prompt of the batch, with z_ij = +1 when videos i and j shar
 
     matching        L_m    = sum_i w_i sum_j w_j softplus(-z_ij L_ij) / sum_i w_i
 
+With a reward model that clips its scores (`clip_scores`: outputs s = clip(r, 1, 5), raw head
+outputs r), every squared error (s - y)^2 above becomes a censored one: a label at a bound is met by
+any raw score at least `bound_margin` beyond it,
+
+    e = -relu(5 + m - r)  where y = 5,     e = relu(r - (1 - m))  where y = 1,     e = s - y  elsewhere,
+
+so clean cells and videos (exactly 5) are pushed past 5 by the margin m and their clipped scores tie
+there, as the labels do (m = 0 is the plain squared error of the clipped score).
+
 `sg` is stop_gradient: the consistency term pulls the patch scale onto the video scale
 learnt in phase 1 and never drags the video head towards the patches (phase 2 must not
 lower video accuracy). Phase 1 minimises `w_reg L_reg + w_bt L_bt`; phase 2 adds
@@ -33,11 +42,13 @@ import jax
 import jax.numpy as jnp
 
 from halo_jax.config import check_fields
+from halo_jax.teachers.base import SCORE_MAX, SCORE_MIN
 
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-    """Weights of the loss terms (module docstring); `bt_margin` and `bt_temperature` shape L_bt."""
+    """Weights of the loss terms (module docstring); `bt_margin` and `bt_temperature` shape L_bt,
+    `bound_margin` the censored errors of a clipping model."""
 
     regression: float = 1.0
     bradley_terry: float = 0.0
@@ -45,6 +56,7 @@ class LossWeights:
     consistency: float = 0.1
     bt_margin: float = 0.0
     bt_temperature: float = 1.0
+    bound_margin: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -65,9 +77,20 @@ def _wmean(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
-def regression_loss(pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
-    """L_reg: pred/target (N, A), weight (N,)."""
-    return _wmean(jnp.mean((pred - target) ** 2, axis=-1), weight)
+def score_error(pred: jax.Array, target: jax.Array, raw: jax.Array | None = None, margin: float = 0.0) -> jax.Array:
+    """pred - target, or with the raw (unclipped) scores of a clipping model the censored error
+    (module docstring): at a bound label, how far `raw` falls short of `margin` beyond it."""
+    if raw is None:
+        return pred - target
+    above = -jax.nn.relu(SCORE_MAX + margin - raw)
+    below = jax.nn.relu(raw - (SCORE_MIN - margin))
+    return jnp.where(target >= SCORE_MAX, above, jnp.where(target <= SCORE_MIN, below, pred - target))
+
+
+def regression_loss(pred: jax.Array, target: jax.Array, weight: jax.Array, raw: jax.Array | None = None,
+                    margin: float = 0.0) -> jax.Array:
+    """L_reg: pred/target (N, A), weight (N,); `raw`, `margin`: `score_error`."""
+    return _wmean(jnp.mean(score_error(pred, target, raw, margin) ** 2, axis=-1), weight)
 
 
 def bradley_terry_loss(pred: jax.Array, target: jax.Array, groups: jax.Array, weight: jax.Array,
@@ -81,9 +104,11 @@ def bradley_terry_loss(pred: jax.Array, target: jax.Array, groups: jax.Array, we
     return jnp.sum(valid * jax.nn.softplus(-dp)) / jnp.maximum(n, 1.0), n
 
 
-def patch_loss(pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
-    """L_p: pred/target (N, A, Tp, Hp, Wp), weight (N,) (already times has_patch)."""
-    return _wmean(jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim))), weight)
+def patch_loss(pred: jax.Array, target: jax.Array, weight: jax.Array, raw: jax.Array | None = None,
+               margin: float = 0.0) -> jax.Array:
+    """L_p: pred/target (N, A, Tp, Hp, Wp), weight (N,) (already times has_patch); `raw`, `margin`: `score_error`."""
+    err = score_error(pred, target, raw, margin)
+    return _wmean(jnp.mean(err ** 2, axis=tuple(range(1, pred.ndim))), weight)
 
 
 def matching_loss(logits: jax.Array, groups: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -106,7 +131,8 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
     """Total loss and its terms for model outputs `out` ({'video', 'patch'}) on a flat batch.
 
     `batch`: video_scores (N, A), patch_scores (N, A, Tp, Hp, Wp), has_patch (N,), valid (N,),
-    group (N,). Phase 1: video terms; phase 2: video + patch + consistency terms.
+    group (N,). Phase 1: video terms; phase 2: video + patch + consistency terms. Raw scores in `out`
+    ('video_raw', 'patch_raw': a clipping model) make the squared errors censored ones.
     """
     if phase not in (1, 2):
         raise ValueError(f"phase must be 1 or 2, got {phase}")
@@ -115,7 +141,8 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
     y = batch["video_scores"].astype(jnp.float32)
     metrics: dict[str, jax.Array] = {}
     total = jnp.zeros((), jnp.float32)
-    reg = regression_loss(video, y, w)
+    margin = weights.bound_margin
+    reg = regression_loss(video, y, w, out.get("video_raw"), margin)
     metrics["video_mse"] = reg
     metrics["video_mae"] = _wmean(jnp.mean(jnp.abs(video - y), axis=-1), w)
     if weights.regression > 0:
@@ -127,7 +154,7 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
     if phase == 2:
         patch = out["patch"].astype(jnp.float32)
         wp = w * batch["has_patch"].astype(jnp.float32)
-        lp = patch_loss(patch, batch["patch_scores"].astype(jnp.float32), wp)
+        lp = patch_loss(patch, batch["patch_scores"].astype(jnp.float32), wp, out.get("patch_raw"), margin)
         lc = consistency_loss(video, patch, w)
         total = total + weights.patch * lp + weights.consistency * lc
         metrics["patch_mse"], metrics["consistency"] = lp, lc

@@ -39,7 +39,8 @@ class Scorer:
         self._sharding = {nd: batch_sharding(self.mesh, nd) for nd in (2, 5)}
 
         def forward(state, frames, ids, mask):
-            return nnx.merge(graphdef, state)(frames, ids, mask)
+            out = nnx.merge(graphdef, state)(frames, ids, mask)
+            return {"video": out["video"], "patch": out["patch"]}
 
         self._forward = jax.jit(forward)
 

@@ -320,6 +320,10 @@ def run(config, workdir: str) -> Path:
     clip = (int(r.video.frames), int(r.video.height), int(r.video.width))
     mesh = mesh_lib.make_mesh(config.mesh)
     config_aspect_weights(config, aspects)  # the held-out report's overall reward: fail before training
+    weights = LossWeights.from_mapping(dict(r.losses))
+    if weights.bound_margin > 0 and not r.model.clip_scores:
+        raise ConfigError(f"reward.losses.bound_margin={weights.bound_margin} needs a model that clips its scores: "
+                          "set reward.model.clip_scores=True (or the margin to 0)")
 
     examples, readers, bad = gather_examples(config, workdir, root)
     for line in bad.summary_lines():

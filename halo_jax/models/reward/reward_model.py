@@ -15,8 +15,8 @@
 
 Scores are reals on the 1..5 label scale (linear output around `score_offset`, no squashing,
 so regression and Bradley-Terry losses never saturate). With `clip_scores` each head's output s
-becomes s + sg(clip(s, 1, 5) - s): the value is clipped to the label range, the gradient is the
-identity's. Labels pile up at 5 (a clean cell or video scores exactly 5), and a clipped score can
+becomes clip(sg(s), 1, 5) + (s - sg(s)): the value is exactly clipped to the label range, the gradient
+is the identity's. Labels pile up at 5 (a clean cell or video scores exactly 5), and a clipped score can
 tie them there: a regression label at a bound is met by any score beyond it (zero loss, a censored
 regression), while a score beyond the bound with a label inside the range still gets the gradient
 of its clipped error.
@@ -240,22 +240,27 @@ class TemporalBlock(nnx.Module):
         return x + self.mlp(self.norm3(x))
 
 
-class ScoreHead(nnx.Module):
-    """s = score_offset + fc2(gelu(fc1(x))): (..., D) -> (..., A); with `clip` the forward value is
-    clip(s, SCORE_MIN, SCORE_MAX) and the gradient the identity's (straight-through)."""
+def clip_to_label_range(s: jax.Array) -> jax.Array:
+    """Forward value clip(s, SCORE_MIN, SCORE_MAX), gradient the identity's (straight-through).
 
-    def __init__(self, dim: int, hidden: int, aspects: int, offset: float, *, clip: bool = False, rngs: nnx.Rngs,
+    Written clip(sg(s)) + (s - sg(s)), whose value is the clip exactly (s - s = 0), so scores beyond a
+    bound tie there bit for bit; s + sg(clip(s) - s) would round them to neighbours of the bound."""
+    frozen = jax.lax.stop_gradient(s)
+    return jnp.clip(frozen, SCORE_MIN, SCORE_MAX) + (s - frozen)
+
+
+class ScoreHead(nnx.Module):
+    """s = score_offset + fc2(gelu(fc1(x))): (..., D) -> (..., A), unbounded."""
+
+    def __init__(self, dim: int, hidden: int, aspects: int, offset: float, *, rngs: nnx.Rngs,
                  dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
-        self.offset, self.clip = offset, clip
+        self.offset = offset
         self.fc1 = dense(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc2 = dense(hidden, aspects, ("mlp", None), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                          kernel_init=nnx.initializers.normal(0.02))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        s = self.offset + self.fc2(jax.nn.gelu(self.fc1(x))).astype(jnp.float32)
-        if self.clip:
-            s = s + jax.lax.stop_gradient(jnp.clip(s, SCORE_MIN, SCORE_MAX) - s)
-        return s
+        return self.offset + self.fc2(jax.nn.gelu(self.fc1(x))).astype(jnp.float32)
 
 
 class RewardModel(nnx.Module):
@@ -277,10 +282,8 @@ class RewardModel(nnx.Module):
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
         head_in = d + int(cfg.match_features)
-        self.video_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset,
-                                    clip=cfg.clip_scores, **kw)
-        self.patch_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset,
-                                    clip=cfg.clip_scores, **kw)
+        self.video_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
+        self.patch_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
         def scalar(value: float) -> nnx.Param:
             return nnx.Param(param_init(nnx.initializers.constant(value), None)(rngs.params(), (1,), param_dtype))
 
@@ -343,7 +346,9 @@ class RewardModel(nnx.Module):
         return jax.nn.sigmoid(self._scaled(video)), jax.nn.sigmoid(self._scaled(cell))
 
     def __call__(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> dict[str, jax.Array]:
-        """Scores on the 1..5 scale: {'video': (B, A), 'patch': (B, A, Tp, Hp, Wp)}, float32.
+        """Scores on the 1..5 scale: {'video': (B, A), 'patch': (B, A, Tp, Hp, Wp)}, float32; with
+        `clip_scores` those are clipped (`clip_to_label_range`) and 'video_raw' / 'patch_raw' hold
+        the unclipped head outputs (for the censored regression of `reward.losses`).
 
         `input_ids` (B, S) SigLIP token ids; `text_mask` (B, S), 1 = token, masks padding keys
         in the cross-attention (optional).
@@ -367,7 +372,10 @@ class RewardModel(nnx.Module):
             pooled = jnp.concatenate([pooled, cell_match.astype(pooled.dtype)], axis=-1)
         video = self.video_head(mean)
         patch = jnp.moveaxis(self.patch_head(pooled), -1, 1)  # (B, A, Tp, Hp, Wp)
-        return {"video": video, "patch": patch}
+        if not cfg.clip_scores:
+            return {"video": video, "patch": patch}
+        return {"video": clip_to_label_range(video), "patch": clip_to_label_range(patch),
+                "video_raw": video, "patch_raw": patch}
 
 
 def trainable_filter(cfg: RewardModelConfig) -> Callable[[tuple, Any], bool]:
