@@ -244,7 +244,7 @@ def clip_to_label_range(s: jax.Array) -> jax.Array:
     """Forward value clip(s, SCORE_MIN, SCORE_MAX), gradient the identity's (straight-through).
 
     Written clip(sg(s)) + (s - sg(s)), whose value is the clip exactly (s - s = 0), so scores beyond a
-    bound tie there bit for bit; s + sg(clip(s) - s) would round them to neighbours of the bound."""
+    bound tie there bit for bit (s + sg(clip(s) - s) rounds scores far beyond a bound, |s| > 10, off it)."""
     frozen = jax.lax.stop_gradient(s)
     return jnp.clip(frozen, SCORE_MIN, SCORE_MAX) + (s - frozen)
 
