@@ -18,13 +18,14 @@ video against every prompt of the batch, with z_ij = +1 when videos i and j shar
     matching        L_m    = sum_i w_i sum_j w_j softplus(-z_ij L_ij) / sum_i w_i
 
 With a reward model that clips its scores (`clip_scores`: outputs s = clip(r, 1, 5), raw head
-outputs r), every squared error (s - y)^2 above becomes a censored one: a label at a bound is met by
-any raw score at least `bound_margin` beyond it,
+outputs r), the squared errors (s - y)^2 of L_reg and L_p become censored ones: a label at a bound is
+met by any raw score at least `bound_margin` beyond it,
 
     e = -relu(5 + m - r)  where y = 5,     e = relu(r - (1 - m))  where y = 1,     e = s - y  elsewhere,
 
 so clean cells and videos (exactly 5) are pushed past 5 by the margin m and their clipped scores tie
-there, as the labels do (m = 0 is the plain squared error of the clipped score).
+there, as the labels do (m = 0 is the squared error of the clipped score for any r on the label's
+side of the other bound).
 
 `sg` is stop_gradient: the consistency term pulls the patch scale onto the video scale
 learnt in phase 1 and never drags the video head towards the patches (phase 2 must not
