@@ -48,7 +48,8 @@ def get_config(variant: str = "accelerator"):
         r.model.text.update(hidden_size=32, intermediate_size=64)
         r.phase0.update(steps=1000, batch_size=64, learning_rate=2e-3, warmup_steps=50)
         r.phase1.update(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=50)
-        r.phase2.update(steps=1000, batch_size=32, learning_rate=1e-3, warmup_steps=50)
+        # 2000 patch-phase steps: video Spearman 0.902 / 0.880 / 0.442 against 0.886 / 0.870 / 0.447 at 1000
+        r.phase2.update(steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=50)
         r.eval_batch_size = 32
     elif variant != "accelerator":
         raise ValueError(f"unknown variant {variant!r}: use 'accelerator' (default) or 'cpu'")
