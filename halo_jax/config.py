@@ -185,9 +185,10 @@ def reward_config() -> ml_collections.ConfigDict:
         "synthetic_videos": 0,        # + N rendered shapes videos with random defects, oracle-labelled
         # kinds: defect kinds drawn (halo_jax/data/defects.py KINDS); empty = all of them
         # mismatch_fraction: share of synthetic videos labelled against an altered prompt (one object's
-        # colour, shape or motion changed): text-alignment labels that need the text
-        "synthetic": {"videos_per_prompt": 4, "max_defects": 3, "kinds": (), "mismatch_fraction": 0.0, "seed": 0,
-                      "chunk_size": 64},
+        # colour, shape or motion changed): text-alignment labels that need the text; mismatch_pairs: each
+        # such video is also kept labelled against the prompt it shows (same pixels, both texts)
+        "synthetic": {"videos_per_prompt": 4, "max_defects": 3, "kinds": (), "mismatch_fraction": 0.0,
+                      "mismatch_pairs": False, "seed": 0, "chunk_size": 64},
         "videofeedback_path": "",     # + a local VideoFeedback-layout label set (halo_jax/data/videofeedback.py)
         "video": {"frames": 17, "height": 32, "width": 32},  # every clip is fitted to this shape
         "heldout_fraction": 0.1,      # prompts held out for evaluation (deterministic by config.seed)

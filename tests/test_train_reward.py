@@ -255,3 +255,16 @@ def test_synthetic_videos_with_mismatched_prompts(tmp_path):
         np.testing.assert_array_equal(m["frames"], c["frames"])  # the same render, judged against another text
         assert c["label"]["video_scores"]["text_alignment"] >= 4.9
         assert m["label"]["video_scores"]["text_alignment"] < 4.0
+
+    # mismatch_pairs: each mismatched video is kept a second time, labelled against the prompt it shows
+    rdata.synthesize(tmp_path / "pairs", 4, mismatch_fraction=1.0, mismatch_pairs=True, **kwargs)
+    pairs = StoreReader(tmp_path / "pairs")
+    by_id = {pairs[i]["video_id"]: pairs[i] for i in range(len(pairs))}
+    assert sorted(by_id) == sorted([mismatched[i]["video_id"] for i in range(4)]
+                                   + [rdata.shown_id(mismatched[i]["video_id"]) for i in range(4)])
+    for i in range(4):
+        m, c = mismatched[i], by_id[rdata.shown_id(mismatched[i]["video_id"])]
+        assert by_id[m["video_id"]]["label"] == m["label"] and c["label"] == matched[i]["label"] | {
+            "video_id": c["video_id"]}
+        np.testing.assert_array_equal(c["frames"], m["frames"])
+        assert rdata.planned_video_id(c["video_id"]) == m["video_id"] == rdata.planned_video_id(m["video_id"])

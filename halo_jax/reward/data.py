@@ -214,10 +214,20 @@ def synthetic_plan(n: int, seed: int, videos_per_prompt: int) -> list[tuple[str,
     return plan
 
 
+def shown_id(video_id: str) -> str:
+    """Id of the second record of a mismatched synthetic video, labelled against the prompt it shows."""
+    return f"{video_id}+shown"
+
+
+def planned_video_id(video_id: str) -> str:
+    """The `synthetic_plan` id a synthetic record belongs to (itself, or the video a `shown_id` copies)."""
+    return video_id.removesuffix("+shown")
+
+
 def synthesize(store_dir: str | os.PathLike, n: int, *, seed: int, clip_shape: Sequence[int], grid: Sequence[int],
                aspects: Sequence[str], videos_per_prompt: int = 4, max_defects: int = 3,
-               kinds: Sequence[str] | None = None, mismatch_fraction: float = 0.0, process_index: int = 0,
-               process_count: int = 1, chunk_size: int = 64,
+               kinds: Sequence[str] | None = None, mismatch_fraction: float = 0.0, mismatch_pairs: bool = False,
+               process_index: int = 0, process_count: int = 1, chunk_size: int = 64,
                progress: Callable[[int], None] | None = None) -> tuple[int, list[tuple[str, str]]]:
     """Render, corrupt and oracle-label this process's share of the N synthetic videos into a store.
 
@@ -225,6 +235,8 @@ def synthesize(store_dir: str | os.PathLike, n: int, *, seed: int, clip_shape: S
     prompt it was rendered from (kept as `rendered_prompt`): one object's colour, shape or motion
     differs, so the oracle's text alignment (and the cells it touches) drops there. Without such
     videos every text-alignment label comes from local defects alone and the text is barely needed.
+    With `mismatch_pairs` such a video is stored a second time, labelled against the prompt it shows
+    (id `shown_id(video_id)`): the same pixels under both texts, so only the text tells their labels apart.
 
     Deterministic: video i depends only on (seed, i). Ids already in the store are skipped
     (resume). A video the oracle cannot judge is left out and listed. Returns (videos
@@ -243,22 +255,26 @@ def synthesize(store_dir: str | os.PathLike, n: int, *, seed: int, clip_shape: S
                      chunk_size=chunk_size) as writer:
         done = writer.done_ids()
         for vid, prompt, s in plan:
-            if vid in done:
+            rng = np.random.default_rng([s, 91])
+            records = [(vid, shapes.altered_prompt(prompt, rng) if rng.random() < mismatch_fraction else prompt)]
+            if mismatch_pairs and records[0][1] != prompt:
+                records.append((shown_id(vid), prompt))
+            records = [(rid, text) for rid, text in records if rid not in done]
+            if not records:
                 continue
             clean = shapes.render(prompt, s, f, h, w)
             frames, applied = defects.random_defects(clean, prompt, grid, s, max_defects=max_defects,
                                                      kinds=tuple(kinds or defects.KINDS))
-            rng = np.random.default_rng([s, 91])
-            label_prompt = shapes.altered_prompt(prompt, rng) if rng.random() < mismatch_fraction else prompt
-            try:
-                label = teacher.label(frames, label_prompt, vid)
-            except Exception as e:  # noqa: BLE001 -- one unjudgeable video must not stop the run
-                failures.append((vid, f"the oracle could not label it ({type(e).__name__}: {e})"))
-                continue
-            writer.write({"video_id": vid, "prompt": label_prompt, "rendered_prompt": prompt, "seed": s,
-                          "label": label, "frames": frames,
-                          "defects": [{"kind": d.kind, "cells": [list(c) for c in d.cells]} for d in applied]})
-            written += 1
+            for rid, label_prompt in records:
+                try:
+                    label = teacher.label(frames, label_prompt, rid)
+                except Exception as e:  # noqa: BLE001 -- one unjudgeable video must not stop the run
+                    failures.append((rid, f"the oracle could not label it ({type(e).__name__}: {e})"))
+                    continue
+                writer.write({"video_id": rid, "prompt": label_prompt, "rendered_prompt": prompt, "seed": s,
+                              "label": label, "frames": frames,
+                              "defects": [{"kind": d.kind, "cells": [list(c) for c in d.cells]} for d in applied]})
+                written += 1
             if progress is not None:
                 progress(1)
     return written, failures

@@ -98,6 +98,8 @@ def _synthetic(config, root: Path, clip: tuple, aspects: tuple, grid: tuple):
     plan = {"seed": int(s.seed), "videos_per_prompt": int(s.videos_per_prompt), "max_defects": int(s.max_defects),
             "kinds": list(s.kinds), "mismatch_fraction": float(s.mismatch_fraction), "clip": list(clip),
             "grid": list(grid), "aspects": list(aspects)}
+    if s.mismatch_pairs:  # only when on, so caches made before the option existed still match
+        plan["mismatch_pairs"] = True
     stored = _read_json(folder / "plan.json")
     if stored is not None and stored != plan:
         raise ConfigError(f"{folder} was made with {stored}, the config now asks for {plan}; delete {folder} to "
@@ -110,7 +112,7 @@ def _synthetic(config, root: Path, clip: tuple, aspects: tuple, grid: tuple):
     written, failures = rdata.synthesize(
         folder, r.synthetic_videos, seed=s.seed, clip_shape=clip, grid=grid, aspects=aspects,
         videos_per_prompt=s.videos_per_prompt, max_defects=s.max_defects, kinds=tuple(s.kinds) or None,
-        mismatch_fraction=float(s.mismatch_fraction),
+        mismatch_fraction=float(s.mismatch_fraction), mismatch_pairs=bool(s.mismatch_pairs),
         process_index=jax.process_index(), process_count=jax.process_count(), chunk_size=s.chunk_size,
         progress=progress.update)
     if written:
@@ -149,7 +151,7 @@ def gather_examples(config, workdir: str, root: Path) -> tuple[list, dict, rdata
                 bad.add(vid, "synthetic", reason)
             readers["synthetic"] = reader
             examples += [e for e in rdata.examples_from_synthetic(reader, aspects, grid, bad, r.on_bad_label)
-                         if e.video_id in wanted]
+                         if rdata.planned_video_id(e.video_id) in wanted]
         if r.videofeedback_path:
             from halo_jax.data.videofeedback import VideoFeedbackSource, load_videofeedback, prepare_videofeedback
 
