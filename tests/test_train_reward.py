@@ -141,6 +141,31 @@ def test_phase0_matching_trains_the_towers_and_phase1_continues_it(tmp_path):
         train_reward.run(config, str(tmp_path))
 
 
+def test_a_finished_phase_continues_under_the_current_model_config(tmp_path):
+    """A finished phase's weights are copied into the model of the current config (a changed option such
+    as match_features takes effect next); a trained parameter that no longer fits is a ConfigError."""
+    from halo_jax.models.reward import RewardModel, RewardModelConfig
+
+    def build(seed, **kw):
+        return RewardModel(RewardModelConfig.tiny(**kw), rngs=nnx.Rngs(seed))
+
+    finished = build(0)
+    current = build(1, match_features=True, clip_scores=True)
+    head_before = np.asarray(current.video_head.fc1.kernel[...])
+    model = train_reward.adopt_phase_weights(current, finished, 0, tmp_path)
+    assert model.config.match_features and model.config.clip_scores
+    theirs = dict(nnx.to_flat_state(nnx.state(finished, nnx.Param)))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[0] != "video_head" and path[0] != "patch_head":  # same shapes: the finished phase's values
+            np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(theirs[path][...]), err_msg=str(path))
+    np.testing.assert_array_equal(np.asarray(model.video_head.fc1.kernel[...]), head_before)  # (D + 1, H): kept
+
+    with pytest.raises(ConfigError, match=r"phase 1 trained video_head\.fc1\.kernel of shape \(32, 16\).*\(33, 16\)"):
+        train_reward.adopt_phase_weights(current, finished, 1, tmp_path)  # phase 1 trained the video head
+    with pytest.raises(ConfigError, match="phase 0 trained proj_in"):
+        train_reward.adopt_phase_weights(build(1, width=64), finished, 0, tmp_path)
+
+
 def _rollouts(folder, prompts, per_prompt=2):
     schema = RolloutRecord.schema((4, 3, 4, 4), (*CLIP, 3))
     with StoreWriter(folder, schema, process_index=0, chunk_size=3) as w:

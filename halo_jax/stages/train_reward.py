@@ -80,6 +80,29 @@ def phase_filter(cfg, phase: int):
     return keep
 
 
+def adopt_phase_weights(model, trained, phase: int, folder: Path):
+    """`model` (built from the current config) with the parameters of a finished phase's export copied in.
+
+    The run continues with the current config, as if the phase had just run in it: a model option that
+    changes no trained shape (clip_scores, match_features, tuning modes) takes effect in the next phase.
+    Parameters the phase did not train keep the current model's values where their shapes differ; a
+    trained parameter without a same-shaped place in the current model is a ConfigError."""
+    ours = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    trained_here = phase_filter(trained.config, phase)
+    keep = []
+    for path, var in nnx.to_flat_state(nnx.state(trained, nnx.Param)):
+        mine = ours.get(path)
+        if mine is not None and mine[...].shape == var[...].shape:
+            keep.append((path, var))
+        elif trained_here(path, var):
+            name = ".".join(map(str, path))
+            raise ConfigError(f"{folder}: phase {phase} trained {name} of shape {var[...].shape}, which the model of "
+                              f"the current config {'lacks' if mine is None else f'has as {mine[...].shape}'}; restore "
+                              f"the reward.model settings of that run, or delete {folder} to train phase {phase} again")
+    nnx.update(model, nnx.from_flat_state(keep))
+    return model
+
+
 def continues_from(r, phase: int) -> dict:
     """{"phaseQ_steps": steps} of the earlier phases this phase starts from (phase 0 only when it runs)."""
     return {f"phase{q}_steps": int(r[f"phase{q}"].steps) for q in range(phase) if q > 0 or int(r.phase0.steps) > 0}
@@ -236,7 +259,7 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
         logging.info("train_reward: phase %d already trained (%d steps); loading %s", phase, section.steps,
                      folder / "model")
         loaded = load_reward_model(folder / "model", mesh, config.sharding.rules)
-        return loaded.model, _read_json(root / f"eval_phase{phase}.json")
+        return adopt_phase_weights(model, loaded.model, phase, folder), _read_json(root / f"eval_phase{phase}.json")
 
     g = int(r.group_size)
     if section.batch_size % g or (section.batch_size // g) % jax.process_count():
