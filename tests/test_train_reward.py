@@ -293,3 +293,19 @@ def test_synthetic_videos_with_mismatched_prompts(tmp_path):
             "video_id": c["video_id"]}
         np.testing.assert_array_equal(c["frames"], m["frames"])
         assert rdata.planned_video_id(c["video_id"]) == m["video_id"] == rdata.planned_video_id(m["video_id"])
+
+    # the held-out report's text reading: mismatched videos scored again with the prompt they show
+    examples = rdata.examples_from_synthetic(pairs, aspects, (1, 2, 2), rdata.BadLabels())
+    zeros = (np.zeros(4, np.int32), np.ones(4, np.int32))
+    held = rdata.RewardData(examples, {"synthetic": pairs}, CLIP, {e.prompt: zeros for e in examples}, 2, (1, 2, 2))
+
+    class Reader:  # text alignment 4 for the prompt a video shows, else 2
+        def score(self, frames, prompts):
+            assert len(frames) == len(prompts) == 4
+            shown = [e.rendered_prompt for e in examples if not e.prompt_is_rendered]
+            return {"video": np.array([[5.0, 4.0 if p in shown else 2.0] for p in prompts])}
+
+    labelled = np.array([2.0 if e.prompt_is_rendered else 3.0 for e in examples])  # scores with their own prompts
+    assert train_reward.text_reading(Reader(), held, labelled, 1) == {"accuracy": 1.0, "videos": 4}
+    assert train_reward.text_reading(Reader(), held, labelled + 1, 1) == {"accuracy": 0.5, "videos": 4}  # ties
+    assert train_reward.text_reading(Reader(), held.subset(lambda e: e.prompt_is_rendered), labelled[:4], 1) is None

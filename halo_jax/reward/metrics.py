@@ -221,4 +221,8 @@ def format_report(report: dict, title: str = "") -> str:
     c = report["counts"]
     lines.append(f"held-out videos: {c['videos']} ({c['patch_videos']} with patch labels, "
                  f"{c['defect_cells']} defect cells at threshold {c['defect_threshold']:g})")
+    if "text_reading" in report:
+        t = report["text_reading"]
+        lines.append(f"text reading: {t['accuracy']:.3f} of {t['videos']} videos labelled against an altered prompt "
+                     "score higher text alignment with the prompt they show (chance 0.5)")
     return "\n".join(lines)

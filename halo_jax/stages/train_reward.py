@@ -213,11 +213,33 @@ def evaluate(model, tokenizer, text_max_length: int, held: rdata.RewardData, con
     ex = held.examples
     patch_true = np.stack([e.patch_scores if e.patch_scores is not None else np.zeros_like(pp[0][0]) for e in ex])
     aspects = tuple(config.aspects)
-    return evaluate_predictions(
+    report = evaluate_predictions(
         aspects, np.concatenate(vp), np.stack([e.video_scores for e in ex]),
         np.array([held.prompt_ids[e.prompt] for e in ex]), np.concatenate(pp), patch_true,
         np.array([e.patch_scores is not None for e in ex]), float(config.defect_threshold),
         weights=config_aspect_weights(config, aspects))
+    if "text_alignment" in aspects:
+        reading = text_reading(scorer, held, np.concatenate(vp)[:, aspects.index("text_alignment")],
+                               aspects.index("text_alignment"))
+        if reading is not None:
+            report["text_reading"] = reading
+    return report
+
+
+def text_reading(scorer, held: rdata.RewardData, text_alignment, aspect: int) -> dict | None:
+    """Does the model read the prompt? Each held-out video labelled against an altered prompt is scored again
+    with the prompt it was rendered from: {"accuracy": share whose text alignment is higher for the rendered
+    prompt (ties count half; chance 0.5), "videos": n}; None without such videos. `text_alignment` (N,) are
+    the held-out videos' scores with their labelled prompts."""
+    import numpy as np
+
+    altered = [i for i, e in enumerate(held.examples) if not e.prompt_is_rendered]
+    if not altered:
+        return None
+    shown = scorer.score([held.frames(i) for i in altered],
+                         [held.examples[i].rendered_prompt for i in altered])["video"][:, aspect]
+    theirs = np.asarray(text_alignment)[altered]
+    return {"accuracy": float(np.mean((shown > theirs) + 0.5 * (shown == theirs))), "videos": len(altered)}
 
 
 def evaluate_matching(model, held: rdata.RewardData, config) -> dict:
