@@ -214,14 +214,17 @@ def synthetic_plan(n: int, seed: int, videos_per_prompt: int) -> list[tuple[str,
     return plan
 
 
+SHOWN_SUFFIX = "+shown"
+
+
 def shown_id(video_id: str) -> str:
     """Id of the second record of a mismatched synthetic video, labelled against the prompt it shows."""
-    return f"{video_id}+shown"
+    return video_id + SHOWN_SUFFIX
 
 
 def planned_video_id(video_id: str) -> str:
     """The `synthetic_plan` id a synthetic record belongs to (itself, or the video a `shown_id` copies)."""
-    return video_id.removesuffix("+shown")
+    return video_id.removesuffix(SHOWN_SUFFIX)
 
 
 def synthesize(store_dir: str | os.PathLike, n: int, *, seed: int, clip_shape: Sequence[int], grid: Sequence[int],
