@@ -87,7 +87,7 @@ def adopt_phase_weights(model, trained, phase: int, folder: Path):
     changes no trained shape (clip_scores, match_features, tuning modes) takes effect in the next phase.
     Parameters the phase did not train keep the current model's values where their shapes differ; a
     trained parameter without a same-shaped place in the current model is a ConfigError."""
-    ours = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    ours = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     trained_here = phase_filter(trained.config, phase)
     keep = []
     for path, var in nnx.to_flat_state(nnx.state(trained, nnx.Param)):
@@ -213,14 +213,15 @@ def evaluate(model, tokenizer, text_max_length: int, held: rdata.RewardData, con
     ex = held.examples
     patch_true = np.stack([e.patch_scores if e.patch_scores is not None else np.zeros_like(pp[0][0]) for e in ex])
     aspects = tuple(config.aspects)
+    video_pred = np.concatenate(vp)
     report = evaluate_predictions(
-        aspects, np.concatenate(vp), np.stack([e.video_scores for e in ex]),
+        aspects, video_pred, np.stack([e.video_scores for e in ex]),
         np.array([held.prompt_ids[e.prompt] for e in ex]), np.concatenate(pp), patch_true,
         np.array([e.patch_scores is not None for e in ex]), float(config.defect_threshold),
         weights=config_aspect_weights(config, aspects))
     if "text_alignment" in aspects:
-        reading = text_reading(scorer, held, np.concatenate(vp)[:, aspects.index("text_alignment")],
-                               aspects.index("text_alignment"))
+        ta = aspects.index("text_alignment")
+        reading = text_reading(scorer, held, video_pred[:, ta], ta)
         if reading is not None:
             report["text_reading"] = reading
     return report
