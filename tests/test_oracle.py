@@ -253,3 +253,16 @@ def test_altered_prompt_changes_one_attribute_and_the_oracle_sees_it():
         mismatched = oracle.label(video, altered, "x")["video_scores"]
         # measured: text alignment 5.0 -> 1.07 (colour) .. 3.56 (a small square judged as a circle)
         assert matched["text_alignment"] >= 4.9 and mismatched["text_alignment"] < 4.0, (prompt, altered)
+
+
+def test_altered_prompt_changes_the_attribute_asked_for():
+    rng = np.random.default_rng(1)
+    for prompt in S.train_prompts()[::90]:
+        a = S.parse_prompt(prompt)
+        for attribute in S.ATTRIBUTES:
+            b = S.parse_prompt(S.altered_prompt(prompt, rng, attribute))
+            changed = {name for oa, ob in zip(a.objects, b.objects) for name in S.ATTRIBUTES
+                       if getattr(oa, name) != getattr(ob, name)}
+            assert changed == {attribute}, (prompt, attribute, b.prompt)
+    with pytest.raises(ValueError, match="'size' is not one of"):
+        S.altered_prompt(S.train_prompts()[0], rng, "size")

@@ -121,10 +121,14 @@ def test_phase0_matching_trains_the_towers_and_phase1_continues_it(tmp_path):
     config = make_config(phase1_steps=2, phase2_steps=0)
     config.reward.synthetic_videos = 200
     config.reward.phase0.update(steps=30, batch_size=32, learning_rate=3e-3, warmup_steps=5)
+    config.reward.model.match_motion = True  # its motion_proj is phase 0's too
     train_reward.run(config, str(tmp_path))
     report = json.loads((tmp_path / "reward" / "eval_phase0.json").read_text())
     # measured: top-1 0.23 among 13 held-out prompts (chance 0.077), AUROC 0.79
     assert report["retrieval_top1"] > 1.5 * report["chance"] and report["match_auroc"] > 0.65, report
+    attributes = report["attributes"]  # every held-out video shows its prompt here (no mismatches)
+    assert attributes["videos"] == report["counts"]["videos"], report
+    assert all(0.0 <= attributes[a] <= 1.0 for a in shapes.ATTRIBUTES), report
     assert read_metrics(tmp_path / "reward" / "phase0" / "metrics.jsonl")[-1]["step"] == 30
 
     trained0 = load_reward_model(tmp_path / "reward" / "phase0" / "model").model
@@ -134,6 +138,7 @@ def test_phase0_matching_trains_the_towers_and_phase1_continues_it(tmp_path):
     changed = {str(path[0]) for path, var in after if not np.array_equal(np.asarray(var[...]),
                                                                           np.asarray(before[path][...]))}
     assert changed == set(train_reward.MATCHING_PARAMS), changed
+    assert not np.any(np.asarray(before[("motion_proj", "kernel")][...]))  # it starts at zero: a no-op
     assert json.loads((tmp_path / "reward" / "phase1" / "done.json").read_text())["phase0_steps"] == 30
 
     config.reward.phase0.steps = 40  # phase 0 extended after phase 1 ran: phase 1 refuses to continue

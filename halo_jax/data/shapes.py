@@ -488,10 +488,14 @@ def _split() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(train), tuple(heldout)
 
 
-def altered_prompt(scene_or_prompt: Scene | str, rng: np.random.Generator) -> str:
+ATTRIBUTES = ("colour", "shape", "motion")  # what `altered_prompt` may change
+
+
+def altered_prompt(scene_or_prompt: Scene | str, rng: np.random.Generator, attribute: str | None = None) -> str:
     """The prompt with one attribute of one object changed to another valid value (drawn from `rng`): its
-    colour (to one no other object has), its shape or its motion. A video of the original prompt judged
-    against this one is misaligned in exactly that attribute."""
+    colour (to one no other object has), its shape or its motion; `attribute` (one of ATTRIBUTES) fixes
+    which, else it is drawn too. A video of the original prompt judged against this one is misaligned in
+    exactly that attribute."""
     scene = as_scene(scene_or_prompt)
     i = int(rng.integers(len(scene.objects)))
     obj = scene.objects[i]
@@ -499,7 +503,10 @@ def altered_prompt(scene_or_prompt: Scene | str, rng: np.random.Generator) -> st
     choices = {"colour": [c for c in OBJECT_COLOURS if c not in taken],
                "shape": [x for x in SHAPES if x != obj.shape],
                "motion": [m for m in MOTIONS if m != obj.motion]}
-    attribute = ("colour", "shape", "motion")[int(rng.integers(3))]
+    if attribute is None:
+        attribute = ATTRIBUTES[int(rng.integers(3))]
+    elif attribute not in ATTRIBUTES:
+        raise ValueError(f"attribute {attribute!r} is not one of {ATTRIBUTES}")
     value = choices[attribute][int(rng.integers(len(choices[attribute])))]
     changed = dataclasses.replace(obj, **{attribute: value})
     objects = scene.objects[:i] + (changed,) + scene.objects[i + 1:]

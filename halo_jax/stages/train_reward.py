@@ -31,6 +31,7 @@ from absl import logging
 from flax import nnx
 
 from halo_jax.config import ConfigError
+from halo_jax.data import shapes
 from halo_jax.models.reward import trainable_filter
 from halo_jax.parallel import distributed, mesh as mesh_lib
 from halo_jax.parallel.sharding import batch_sharding
@@ -62,20 +63,21 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-MATCHING_PARAMS = ("vision", "text", "proj_in", "text_proj", "logit_scale", "logit_bias")
+MATCHING_ONLY = ("logit_scale", "logit_bias", "motion_proj")  # used by the matching logits alone
+MATCHING_PARAMS = ("vision", "text", "proj_in", "text_proj", *MATCHING_ONLY)
 
 
 def phase_filter(cfg, phase: int):
-    """Of what `trainable_filter` selects: phase 0 trains the towers, their projections and the matching
-    logit's scale and bias; phase 1 everything but the patch head and that scale and bias; phase 2 adds
-    the patch head."""
+    """Of what `trainable_filter` selects: phase 0 trains the towers, their projections and what only the
+    matching logits use (their scale and bias, `motion_proj`); phase 1 everything but the patch head and
+    those; phase 2 adds the patch head."""
     base = trainable_filter(cfg)
 
     def keep(path, var) -> bool:
         head = str(path[0])
         if phase == 0:
             return base(path, var) and head in MATCHING_PARAMS
-        return base(path, var) and head not in ("logit_scale", "logit_bias") and (phase == 2 or head != "patch_head")
+        return base(path, var) and head not in MATCHING_ONLY and (phase == 2 or head != "patch_head")
 
     return keep
 
@@ -243,9 +245,10 @@ def text_reading(scorer, held: rdata.RewardData, text_alignment, aspect: int) ->
     return {"accuracy": float(np.mean((shown > theirs) + 0.5 * (shown == theirs))), "videos": len(altered)}
 
 
-def evaluate_matching(model, held: rdata.RewardData, config) -> dict:
+def evaluate_matching(model, tokenizer, text_max_length: int, held: rdata.RewardData, config) -> dict:
     """Phase 0's held-out report: every held-out video's `match_logits` against every held-out prompt;
-    top-1 retrieval of its own prompt and the AUROC of own-prompt logits against the others."""
+    top-1 retrieval of its own prompt, the AUROC of own-prompt logits against the others, and
+    `attribute_matching` (is the own prompt preferred to one differing in colour, shape or motion alone)."""
     import numpy as np
 
     from halo_jax.reward.metrics import auroc
@@ -255,19 +258,81 @@ def evaluate_matching(model, held: rdata.RewardData, config) -> dict:
         return {"counts": {"videos": 0, "prompts": 0}, "note": "no held-out prompts"}
     ids = np.stack([held.tokens[p][0] for p in prompts])
     mask = np.stack([held.tokens[p][1] for p in prompts])
-    logits_fn = nnx.jit(lambda m, frames: m.match_logits(frames, ids, mask))
-    size = int(config.reward.eval_batch_size)
-    logits = []
-    for s in range(0, len(held), size):
-        idx = [min(i, len(held) - 1) for i in range(s, s + size)]  # the last batch padded: one compile
-        out = np.asarray(logits_fn(model, np.stack([held.frames(i) for i in idx])))
-        logits.append(out[:min(size, len(held) - s)])
-    logits = np.concatenate(logits)
+    logits = _batched_match_logits(model, held, range(len(held)), lambda rows: (ids, mask),
+                                   int(config.reward.eval_batch_size))
     own = np.array([prompts.index(e.prompt) for e in held.examples])
     is_own = np.arange(len(prompts))[None, :] == own[:, None]
-    return {"retrieval_top1": float(np.mean(np.argmax(logits, axis=1) == own)), "chance": 1.0 / len(prompts),
-            "match_auroc": float(auroc(logits.ravel(), is_own.ravel())),
-            "counts": {"videos": len(held), "prompts": len(prompts)}}
+    report = {"retrieval_top1": float(np.mean(np.argmax(logits, axis=1) == own)), "chance": 1.0 / len(prompts),
+              "match_auroc": float(auroc(logits.ravel(), is_own.ravel())),
+              "counts": {"videos": len(held), "prompts": len(prompts)}}
+    attributes = attribute_matching(model, tokenizer, text_max_length, held, config)
+    if attributes is not None:
+        report["attributes"] = attributes
+    return report
+
+
+def format_matching(report: dict, title: str) -> str:
+    """One line of phase 0's held-out report (`evaluate_matching`)."""
+    line = (f"{title}: own prompt top-1 among {report['counts']['prompts']} prompts {report['retrieval_top1']:.3f} "
+            f"(chance {report['chance']:.3f}), matching AUROC {report['match_auroc']:.3f}")
+    attributes = report.get("attributes")
+    if attributes:
+        line += ("; own prompt above one with another " + ", ".join(f"{a} {attributes[a]:.3f}" for a in shapes.ATTRIBUTES)
+                 + f" (chance 0.5, {attributes['videos']} videos)")
+    return line
+
+
+def attribute_matching(model, tokenizer, text_max_length: int, held: rdata.RewardData, config) -> dict | None:
+    """For each held-out shapes video that shows its prompt and each attribute of `shapes.ATTRIBUTES`: is
+    the video's logit with its own prompt above that with the prompt whose object has that attribute changed
+    (`shapes.altered_prompt`, drawn with `config.seed`)? {attribute: accuracy (ties half, chance 0.5),
+    "videos": n}; None without such videos. The retrieval figure mixes the three; this separates them
+    (the frame mean of `match_logits` cannot see motion unless `match_motion` is on)."""
+    import numpy as np
+
+    rng = np.random.default_rng(int(config.seed))
+    rows, texts = [], []
+    for i, e in enumerate(held.examples):
+        if not e.prompt_is_rendered:
+            continue
+        try:
+            scene = shapes.as_scene(e.prompt)
+        except ValueError:  # not a prompt of the shapes world (a real label set)
+            continue
+        rows.append(i)
+        texts.append([e.prompt] + [shapes.altered_prompt(scene, rng, a) for a in shapes.ATTRIBUTES])
+    if not rows:
+        return None
+    tokens = tokenize(tokenizer, [t for group in texts for t in group], text_max_length)
+
+    def prompts_of(batch_rows):  # the prompts of video j at columns k*j .. k*j + k - 1
+        flat = [t for j in batch_rows for t in texts[j]]
+        return np.stack([tokens[t][0] for t in flat]), np.stack([tokens[t][1] for t in flat])
+
+    size, k = int(config.reward.eval_batch_size), 1 + len(shapes.ATTRIBUTES)
+    logits = _batched_match_logits(model, held, range(len(rows)), prompts_of, size, video_rows=rows)
+    block = logits.reshape(len(rows), size, k)
+    own_rows = np.arange(len(rows)) % size
+    mine = block[np.arange(len(rows)), own_rows]  # (n, k): own prompt, then one altered per attribute
+    wins = (mine[:, :1] > mine[:, 1:]) + 0.5 * (mine[:, :1] == mine[:, 1:])
+    return {**{a: float(v) for a, v in zip(shapes.ATTRIBUTES, wins.mean(axis=0))}, "videos": len(rows)}
+
+
+def _batched_match_logits(model, held: rdata.RewardData, rows, prompts_of, size: int, video_rows=None):
+    """`match_logits` of `held`'s videos in batches of `size` (the last one padded: one compile): row r's
+    video is held[video_rows[r]] (default held[r]) and its batch's prompts are `prompts_of(batch rows)`
+    -> (ids, mask); returns the logits of the real rows, (len(rows), prompts per batch)."""
+    import numpy as np
+
+    video_rows = list(rows) if video_rows is None else video_rows
+    fn = nnx.jit(lambda m, frames, ids, mask: m.match_logits(frames, ids, mask))
+    out = []
+    for s in range(0, len(rows), size):
+        batch = [min(r, len(rows) - 1) for r in range(s, s + size)]
+        ids, mask = prompts_of(batch)
+        logits = np.asarray(fn(model, np.stack([held.frames(video_rows[r]) for r in batch]), ids, mask))
+        out.append(logits[:min(size, len(rows) - s)])
+    return np.concatenate(out)
 
 
 def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, held: rdata.RewardData,
@@ -332,11 +397,9 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
                           {"phase": phase, "steps": int(section.steps), "clip": list(train.clip_shape)})
         title = f"train_reward phase {phase}: held-out evaluation ({section.steps} steps)"
         if phase == 0:
-            report = evaluate_matching(model, held, config)
+            report = evaluate_matching(model, tokenizer, text_max_length, held, config)
             if report["counts"]["videos"]:
-                print(f"{title}: own prompt top-1 among {report['counts']['prompts']} prompts "
-                      f"{report['retrieval_top1']:.3f} (chance {report['chance']:.3f}), "
-                      f"matching AUROC {report['match_auroc']:.3f}")
+                print(format_matching(report, title))
         else:
             report = evaluate(model, tokenizer, text_max_length, held, config)
             if report["counts"]["videos"]:
