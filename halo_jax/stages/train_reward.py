@@ -246,9 +246,13 @@ def text_reading(scorer, held: rdata.RewardData, text_alignment, aspect: int) ->
 
 
 def evaluate_matching(model, tokenizer, text_max_length: int, held: rdata.RewardData, config) -> dict:
-    """Phase 0's held-out report: every held-out video's `match_logits` against every held-out prompt;
-    top-1 retrieval of its own prompt, the AUROC of own-prompt logits against the others, and
-    `attribute_matching` (is the own prompt preferred to one differing in colour, shape or motion alone)."""
+    """Phase 0's held-out report, from the cosines of `RewardModel.match_video` and `match_text` (the logits
+    are an increasing function of them, so rankings and AUROC are the logits'): top-1 retrieval of each
+    held-out video's own prompt among the held-out prompts, the AUROC of own-prompt cosines against the
+    others, and `attributes`: for each held-out shapes video that shows its prompt and each attribute of
+    `shapes.ATTRIBUTES`, whether its own prompt beats the prompt with that attribute of one object changed
+    (`shapes.altered_prompt`, drawn with `config.seed`): {attribute: accuracy (ties half, chance 0.5),
+    "videos": n}. Retrieval mixes the three attributes; `attributes` separates them."""
     import numpy as np
 
     from halo_jax.reward.metrics import auroc
@@ -256,19 +260,52 @@ def evaluate_matching(model, tokenizer, text_max_length: int, held: rdata.Reward
     prompts = sorted({e.prompt for e in held.examples})
     if not prompts:
         return {"counts": {"videos": 0, "prompts": 0}, "note": "no held-out prompts"}
-    ids = np.stack([held.tokens[p][0] for p in prompts])
-    mask = np.stack([held.tokens[p][1] for p in prompts])
-    logits = _batched_match_logits(model, held, range(len(held)), lambda rows: (ids, mask),
-                                   int(config.reward.eval_batch_size))
+    rng = np.random.default_rng(int(config.seed))
+    contrasts = {}  # held-out row -> [own prompt, one altered prompt per attribute]
+    for i, e in enumerate(held.examples):
+        try:
+            scene = shapes.as_scene(e.prompt) if e.prompt_is_rendered else None
+        except ValueError:  # not a prompt of the shapes world (a real label set)
+            scene = None
+        if scene is not None:
+            contrasts[i] = [e.prompt] + [shapes.altered_prompt(scene, rng, a) for a in shapes.ATTRIBUTES]
+    altered = {p for group in contrasts.values() for p in group[1:]}
+    tokens = {**tokenize(tokenizer, sorted(altered), text_max_length), **{p: held.tokens[p] for p in prompts}}
+    videos, texts = match_embeddings(model, held, tokens, int(config.reward.eval_batch_size))
+
+    cosines = videos @ np.stack([texts[p] for p in prompts]).T
     own = np.array([prompts.index(e.prompt) for e in held.examples])
     is_own = np.arange(len(prompts))[None, :] == own[:, None]
-    report = {"retrieval_top1": float(np.mean(np.argmax(logits, axis=1) == own)), "chance": 1.0 / len(prompts),
-              "match_auroc": float(auroc(logits.ravel(), is_own.ravel())),
+    report = {"retrieval_top1": float(np.mean(np.argmax(cosines, axis=1) == own)), "chance": 1.0 / len(prompts),
+              "match_auroc": float(auroc(cosines.ravel(), is_own.ravel())),
               "counts": {"videos": len(held), "prompts": len(prompts)}}
-    attributes = attribute_matching(model, tokenizer, text_max_length, held, config)
-    if attributes is not None:
-        report["attributes"] = attributes
+    if contrasts:
+        mine = np.array([[videos[i] @ texts[p] for p in group] for i, group in contrasts.items()])
+        wins = (mine[:, :1] > mine[:, 1:]) + 0.5 * (mine[:, :1] == mine[:, 1:])
+        report["attributes"] = {**{a: float(w) for a, w in zip(shapes.ATTRIBUTES, wins.mean(axis=0))},
+                                "videos": len(contrasts)}
     return report
+
+
+def match_embeddings(model, held: rdata.RewardData, tokens: dict, size: int):
+    """Unit matching embeddings of all of `held`'s videos, (N, D), and of the prompts of `tokens` ({prompt:
+    (ids, mask)}), {prompt: (D,)}: jitted, in batches of `size` (the last one padded: one compile each)."""
+    import numpy as np
+
+    def batched(fn, n: int):
+        out = []
+        for s in range(0, n, size):
+            idx = [min(i, n - 1) for i in range(s, s + size)]
+            out.append(np.asarray(fn(idx))[:min(size, n - s)])
+        return np.concatenate(out)
+
+    video_fn = nnx.jit(lambda m, frames: m.match_video(frames))
+    text_fn = nnx.jit(lambda m, ids, mask: m.match_text(ids, mask))
+    prompts = sorted(tokens)
+    videos = batched(lambda idx: video_fn(model, np.stack([held.frames(i) for i in idx])), len(held))
+    texts = batched(lambda idx: text_fn(model, np.stack([tokens[prompts[i]][0] for i in idx]),
+                                        np.stack([tokens[prompts[i]][1] for i in idx])), len(prompts))
+    return videos, dict(zip(prompts, texts))
 
 
 def format_matching(report: dict, title: str) -> str:
@@ -277,62 +314,9 @@ def format_matching(report: dict, title: str) -> str:
             f"(chance {report['chance']:.3f}), matching AUROC {report['match_auroc']:.3f}")
     attributes = report.get("attributes")
     if attributes:
-        line += ("; own prompt above one with another " + ", ".join(f"{a} {attributes[a]:.3f}" for a in shapes.ATTRIBUTES)
-                 + f" (chance 0.5, {attributes['videos']} videos)")
+        each = ", ".join(f"{a} {attributes[a]:.3f}" for a in shapes.ATTRIBUTES)
+        line += f"; own prompt above one with another {each} (chance 0.5, {attributes['videos']} videos)"
     return line
-
-
-def attribute_matching(model, tokenizer, text_max_length: int, held: rdata.RewardData, config) -> dict | None:
-    """For each held-out shapes video that shows its prompt and each attribute of `shapes.ATTRIBUTES`: is
-    the video's logit with its own prompt above that with the prompt whose object has that attribute changed
-    (`shapes.altered_prompt`, drawn with `config.seed`)? {attribute: accuracy (ties half, chance 0.5),
-    "videos": n}; None without such videos. The retrieval figure mixes the three; this separates them
-    (the frame mean of `match_logits` cannot see motion unless `match_motion` is on)."""
-    import numpy as np
-
-    rng = np.random.default_rng(int(config.seed))
-    rows, texts = [], []
-    for i, e in enumerate(held.examples):
-        if not e.prompt_is_rendered:
-            continue
-        try:
-            scene = shapes.as_scene(e.prompt)
-        except ValueError:  # not a prompt of the shapes world (a real label set)
-            continue
-        rows.append(i)
-        texts.append([e.prompt] + [shapes.altered_prompt(scene, rng, a) for a in shapes.ATTRIBUTES])
-    if not rows:
-        return None
-    tokens = tokenize(tokenizer, [t for group in texts for t in group], text_max_length)
-
-    def prompts_of(batch_rows):  # the prompts of video j at columns k*j .. k*j + k - 1
-        flat = [t for j in batch_rows for t in texts[j]]
-        return np.stack([tokens[t][0] for t in flat]), np.stack([tokens[t][1] for t in flat])
-
-    size, k = int(config.reward.eval_batch_size), 1 + len(shapes.ATTRIBUTES)
-    logits = _batched_match_logits(model, held, range(len(rows)), prompts_of, size, video_rows=rows)
-    block = logits.reshape(len(rows), size, k)
-    own_rows = np.arange(len(rows)) % size
-    mine = block[np.arange(len(rows)), own_rows]  # (n, k): own prompt, then one altered per attribute
-    wins = (mine[:, :1] > mine[:, 1:]) + 0.5 * (mine[:, :1] == mine[:, 1:])
-    return {**{a: float(v) for a, v in zip(shapes.ATTRIBUTES, wins.mean(axis=0))}, "videos": len(rows)}
-
-
-def _batched_match_logits(model, held: rdata.RewardData, rows, prompts_of, size: int, video_rows=None):
-    """`match_logits` of `held`'s videos in batches of `size` (the last one padded: one compile): row r's
-    video is held[video_rows[r]] (default held[r]) and its batch's prompts are `prompts_of(batch rows)`
-    -> (ids, mask); returns the logits of the real rows, (len(rows), prompts per batch)."""
-    import numpy as np
-
-    video_rows = list(rows) if video_rows is None else video_rows
-    fn = nnx.jit(lambda m, frames, ids, mask: m.match_logits(frames, ids, mask))
-    out = []
-    for s in range(0, len(rows), size):
-        batch = [min(r, len(rows) - 1) for r in range(s, s + size)]
-        ids, mask = prompts_of(batch)
-        logits = np.asarray(fn(model, np.stack([held.frames(video_rows[r]) for r in batch]), ids, mask))
-        out.append(logits[:min(size, len(rows) - s)])
-    return np.concatenate(out)
 
 
 def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, held: rdata.RewardData,

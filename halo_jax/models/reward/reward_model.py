@@ -334,9 +334,15 @@ class RewardModel(nnx.Module):
 
     def match_logits(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
         """Video-text logits (B videos, B' prompts), float32 (module docstring)."""
-        v = self.video_embedding(self.proj_in(self.encode_frames(frames)))  # (B, D)
-        t = _text_embedding(self.encode_text(input_ids), text_mask)  # (B', D)
-        return self._scaled(_unit(v) @ t.T)
+        return self._scaled(self.match_video(frames) @ self.match_text(input_ids, text_mask).T)
+
+    def match_video(self, frames: jax.Array) -> jax.Array:
+        """Unit matching embedding v_i / |v_i| of each clip (B, F, H, W, C): (B, D), float32."""
+        return _unit(self.video_embedding(self.proj_in(self.encode_frames(frames))))
+
+    def match_text(self, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
+        """Unit matching embedding t_j of each prompt (B', S): (B', D), float32."""
+        return _text_embedding(self.encode_text(input_ids), text_mask)
 
     def video_embedding(self, v: jax.Array) -> jax.Array:
         """The matching side of a video, from proj_in tokens (B, T, N, D): the mean of the frame means m_t,
