@@ -202,7 +202,6 @@ def reward_config() -> ml_collections.ConfigDict:
             "score_offset": 3.0, "vision_tuning": "full", "text_tuning": "full", "lora_rank": 8, "lora_alpha": 16.0,
             "remat": False, "attention_impl": "xla", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
             "match_features": False,  # the heads also read the matching probability (RewardModel docstring)
-            "match_motion": False,  # the matching embedding adds the trend of the frame means (RewardModel docstring)
             "clip_scores": False,  # scores clipped to [1, 5], straight-through gradient (RewardModel docstring)
             "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                        "num_attention_heads": 4, "image_size": 32, "patch_size": 4},
@@ -216,7 +215,9 @@ def reward_config() -> ml_collections.ConfigDict:
                    "patch": 1.0, "consistency": 0.1, "bound_margin": 0.0},
         # phase 0 (0 steps: off): the towers' video-text matching before phase 1 (SigLIP's sigmoid loss on
         # the videos that show their prompt), for towers trained from scratch
-        "phase0": phase(steps=0, learning_rate=1e-3),
+        # hard_negatives: each video also meets its prompt with one object's colour, shape or motion changed
+        # (one of each; reward/data.hard_negatives), which in-batch prompts rarely are
+        "phase0": {**phase(steps=0, learning_rate=1e-3), "hard_negatives": False},
         "phase1": phase(steps=300, learning_rate=1e-3),   # video head (+ what the tuning modes unfreeze)
         "phase2": phase(steps=300, learning_rate=5e-4),   # + patch head, patch and consistency losses
         "eval_batch_size": 32,

@@ -143,6 +143,14 @@ def test_losses_match_their_definitions():
     lm, accuracy = losses.matching_loss(jnp.asarray(logits), jnp.asarray(groups), jnp.asarray(w))
     assert float(lm) == pytest.approx(sum(match) / w.sum(), rel=1e-5)
     assert float(accuracy) == pytest.approx(sum(right) / np.sum(np.outer(w, w)), rel=1e-6)
+    # more prompt columns (phase 0's hard negatives): their own groups and weights
+    cols, col_w = np.array([0, 1, 2, 7, 1]), np.array([1, 1, 1, 1, 0], float)
+    logits = rng.normal(0, 3, (n, len(cols)))
+    match = [w[i] * col_w[j] * math.log1p(math.exp(-(1 if groups[i] == cols[j] else -1) * logits[i, j]))
+             for i in range(n) for j in range(len(cols))]
+    lm, _ = losses.matching_loss(jnp.asarray(logits), jnp.asarray(groups), jnp.asarray(w), jnp.asarray(cols),
+                                 jnp.asarray(col_w))
+    assert float(lm) == pytest.approx(sum(match) / w.sum(), rel=1e-5)
 
     patch = rng.normal(3, 1, (n, a, 2, 2, 1))
     cons = np.sum(w * np.mean((pred - patch.mean(axis=(2, 3, 4))) ** 2, -1)) / w.sum()

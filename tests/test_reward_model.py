@@ -255,24 +255,6 @@ def test_match_features_are_the_matching_probabilities_of_video_and_cells():
     assert out["video"].shape == (2, len(cfg.aspects)) and out["patch"].shape == (2, len(cfg.aspects), *GRID)
 
 
-def test_match_motion_adds_the_slope_of_the_frame_means():
-    """`match_motion`: the matching embedding is the mean of the frame means m_t plus motion_proj(least-squares
-    slope of m_t over t / (T - 1)) (its zero start: tests/test_train_reward.py, phase 0)."""
-    cfg = RewardModelConfig.tiny(num_frames=5, grid=GRID, match_motion=True)
-    model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
-    model.motion_proj.bias[...] = jnp.zeros(cfg.width)
-    v = jnp.asarray(np.random.RandomState(3).randn(2, 5, 49, cfg.width).astype(np.float32))
-    m = np.asarray(v, np.float64).mean(axis=2)  # (B, T, D)
-    model.motion_proj.kernel[...] = jnp.zeros((cfg.width, cfg.width))
-    np.testing.assert_allclose(np.asarray(model.video_embedding(v)), m.mean(1), rtol=1e-5, atol=1e-6)
-    model.motion_proj.kernel[...] = jnp.eye(cfg.width)
-    tau = np.linspace(0, 1, 5)
-    slope = np.stack([np.polyfit(tau, m[b], 1)[0] for b in range(2)])
-    np.testing.assert_allclose(np.asarray(model.video_embedding(v)), m.mean(1) + slope, rtol=1e-5, atol=1e-5)
-    still = jnp.broadcast_to(v[:, :1], v.shape)  # no change over time: no slope
-    np.testing.assert_allclose(np.asarray(model.video_embedding(still)), m[:, 0], rtol=1e-5, atol=1e-5)
-
-
 def test_clipped_scores_stay_in_range_with_the_identity_gradient():
     """clip_scores: the value is clip(s, 1, 5), the gradient the identity's (straight-through), so a score
     beyond a bound still learns a label inside the range."""

@@ -337,25 +337,41 @@ class RewardData:
     """
 
     def __init__(self, examples: Sequence[Example], readers: Mapping[str, Any], clip_shape: Sequence[int],
-                 tokens: Mapping[str, tuple[np.ndarray, np.ndarray]], num_aspects: int, grid: Sequence[int]):
+                 tokens: Mapping[str, tuple[np.ndarray, np.ndarray]], num_aspects: int, grid: Sequence[int],
+                 negatives: Sequence[Sequence[str]] | None = None):
         self.examples = list(examples)
+        self.negatives = None if negatives is None else [list(n) for n in negatives]
         self.readers = dict(readers)
         self.clip_shape = tuple(int(x) for x in clip_shape)
         self.tokens = dict(tokens)
         self.num_aspects = num_aspects
         self.grid = tuple(int(g) for g in grid)
         self.prompt_ids = {p: i for i, p in enumerate(sorted({e.prompt for e in self.examples}))}
-        missing = sorted({e.prompt for e in self.examples} - set(self.tokens))
+        wanted = {e.prompt for e in self.examples} | {p for n in self.negatives or () for p in n}
+        missing = sorted(wanted - set(self.tokens))
         if missing:
             raise ValueError(f"no tokens for prompts {missing[:3]}; tokenize every prompt of the examples")
+        if self.negatives is not None:
+            if len(self.negatives) != len(self.examples):
+                raise ValueError(f"{len(self.negatives)} lists of negatives for {len(self.examples)} examples")
+            self.num_negatives = max(map(len, self.negatives), default=0)
+            others = sorted({p for n in self.negatives for p in n} - set(self.prompt_ids))
+            self.negative_prompt_ids = {**self.prompt_ids, **{p: len(self.prompt_ids) + i for i, p in enumerate(others)}}
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def subset(self, keep: Callable[[Example], bool]) -> RewardData:
-        """The examples `keep` accepts, with the same readers, clip, tokens and grid."""
-        return RewardData([e for e in self.examples if keep(e)], self.readers, self.clip_shape, self.tokens,
-                          self.num_aspects, self.grid)
+        """The examples `keep` accepts (and their negatives), with the same readers, clip, tokens and grid."""
+        kept = [i for i, e in enumerate(self.examples) if keep(e)]
+        return RewardData([self.examples[i] for i in kept], self.readers, self.clip_shape, self.tokens,
+                          self.num_aspects, self.grid, None if self.negatives is None else [self.negatives[i] for i in kept])
+
+    def with_negatives(self, negatives: Sequence[Sequence[str]], tokens: Mapping[str, tuple[np.ndarray, np.ndarray]]
+                       ) -> RewardData:
+        """The same examples, each item also carrying its `negatives` prompts (tokens of new prompts added)."""
+        return RewardData(self.examples, self.readers, self.clip_shape, {**tokens, **self.tokens}, self.num_aspects,
+                          self.grid, negatives)
 
     def frames(self, i: int) -> np.ndarray:
         e = self.examples[i]
@@ -369,10 +385,39 @@ class RewardData:
         ids, mask = self.tokens[e.prompt]
         has_patch = e.patch_scores is not None
         patch = e.patch_scores if has_patch else np.zeros((self.num_aspects, *self.grid), np.float32)
-        return {"frames": self.frames(int(i)), "input_ids": ids, "text_mask": mask,
+        item = {"frames": self.frames(int(i)), "input_ids": ids, "text_mask": mask,
                 "video_scores": e.video_scores, "patch_scores": patch,
                 "has_patch": np.float32(has_patch), "valid": np.float32(1.0),
                 "group": np.int32(self.prompt_ids[e.prompt])}
+        if self.negatives is not None:  # padded to num_negatives with the own prompt at valid 0
+            mine = self.negatives[int(i)]
+            padded = mine + [e.prompt] * (self.num_negatives - len(mine))
+            item.update(negative_ids=np.stack([self.tokens[p][0] for p in padded]),
+                        negative_mask=np.stack([self.tokens[p][1] for p in padded]),
+                        negative_group=np.array([self.negative_prompt_ids[p] for p in padded], np.int32),
+                        negative_valid=(np.arange(self.num_negatives) < len(mine)).astype(np.float32))
+        return item
+
+
+def hard_negatives(examples: Sequence[Example], seed: int) -> list[list[str]]:
+    """Phase 0's hard negatives: for each example of the shapes world, one prompt per attribute of
+    `shapes.ATTRIBUTES` with that attribute of one object changed (`shapes.altered_prompt`, drawn from a
+    generator seeded by (seed, crc32 of the video id): the same for an example however the data is cut);
+    [] for a prompt outside the world's grammar."""
+    import zlib
+
+    from halo_jax.data import shapes
+
+    out = []
+    for e in examples:
+        try:
+            scene = shapes.as_scene(e.prompt)
+        except ValueError:
+            out.append([])
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(e.video_id.encode())])
+        out.append([shapes.altered_prompt(scene, rng, a) for a in shapes.ATTRIBUTES])
+    return out
 
 
 def prompt_groups(examples: Sequence[Example], group_size: int) -> list[list[int]]:

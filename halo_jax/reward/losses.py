@@ -112,10 +112,15 @@ def patch_loss(pred: jax.Array, target: jax.Array, weight: jax.Array, raw: jax.A
     return _wmean(jnp.mean(err ** 2, axis=tuple(range(1, pred.ndim))), weight)
 
 
-def matching_loss(logits: jax.Array, groups: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(L_m, accuracy of sign(L_ij) = z_ij over valid pairs): logits (N, N), groups (N,), weight (N,)."""
-    z = jnp.where(groups[:, None] == groups[None, :], 1.0, -1.0)
-    pair_w = weight[:, None] * weight[None, :]
+def matching_loss(logits: jax.Array, groups: jax.Array, weight: jax.Array, col_groups: jax.Array | None = None,
+                  col_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(L_m, accuracy of sign(L_ij) = z_ij over valid pairs): logits (N, M) of N videos against M prompts,
+    groups / weight (N,) of the videos, col_groups / col_weight (M,) of the prompts (default: the videos' own,
+    M = N). z_ij = 1 where video i's group is prompt j's, else -1; L_m = sum_ij w_i w_j softplus(-z_ij L_ij) / sum_i w_i."""
+    col_groups = groups if col_groups is None else col_groups
+    col_weight = weight if col_weight is None else col_weight
+    z = jnp.where(groups[:, None] == col_groups[None, :], 1.0, -1.0)
+    pair_w = weight[:, None] * col_weight[None, :]
     loss = jnp.sum(pair_w * jax.nn.softplus(-z * logits)) / jnp.maximum(jnp.sum(weight), 1e-12)
     accuracy = jnp.sum(pair_w * (jnp.sign(logits) == z)) / jnp.maximum(jnp.sum(pair_w), 1e-12)
     return loss, accuracy
@@ -163,6 +168,23 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
     return total, metrics
 
 
+def matching_terms(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """Phase 0: L_m of every video against the batch's prompts and, when the batch has them, the hard
+    negatives (negative_ids / negative_mask (N, K, S), negative_group / negative_valid (N, K)) as more
+    prompt columns: a negative is positive only for videos of the prompt it names."""
+    valid = batch["valid"].astype(jnp.float32)
+    ids, mask, col_groups, col_weight = batch["input_ids"], batch["text_mask"], batch["group"], valid
+    if "negative_ids" in batch:
+        n, k, s = batch["negative_ids"].shape
+        ids = jnp.concatenate([ids, batch["negative_ids"].reshape(n * k, s)])
+        mask = jnp.concatenate([mask, batch["negative_mask"].reshape(n * k, s)])
+        col_groups = jnp.concatenate([col_groups, batch["negative_group"].reshape(n * k)])
+        col_weight = jnp.concatenate([valid, (batch["negative_valid"] * valid[:, None]).reshape(n * k)])
+    logits = model.match_logits(batch["frames"], ids, mask)
+    loss, accuracy = matching_loss(logits, batch["group"], valid, col_groups, col_weight)
+    return loss, {"matching": loss, "match_accuracy": accuracy}
+
+
 def make_loss_fn(weights: LossWeights, phase: int):
     """`loss_fn(model, batch, key) -> (loss, metrics)` for `train.state.make_train_step`; phase 0 is L_m,
     phases 1 and 2 are `reward_losses`.
@@ -174,9 +196,7 @@ def make_loss_fn(weights: LossWeights, phase: int):
     def loss_fn(model, batch, key):
         del key  # the reward model has no dropout
         if phase == 0:
-            logits = model.match_logits(batch["frames"], batch["input_ids"], batch["text_mask"])
-            loss, accuracy = matching_loss(logits, batch["group"], batch["valid"].astype(jnp.float32))
-            return loss, {"matching": loss, "match_accuracy": accuracy}
+            return matching_terms(model, batch)
         out = model(batch["frames"], batch["input_ids"], batch["text_mask"])
         return reward_losses(out, batch, weights, phase)
 

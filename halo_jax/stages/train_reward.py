@@ -57,20 +57,21 @@ from halo_jax.train.metrics import MetricsWriter, Progress
 
 BATCH_NDIMS = {"frames": 5, "input_ids": 2, "text_mask": 2, "video_scores": 2, "patch_scores": 5, "has_patch": 1,
                "valid": 1, "group": 1}
+NEGATIVE_NDIMS = {"negative_ids": 3, "negative_mask": 3, "negative_group": 2, "negative_valid": 2}  # phase 0's
 
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-MATCHING_ONLY = ("logit_scale", "logit_bias", "motion_proj")  # used by the matching logits alone
+MATCHING_ONLY = ("logit_scale", "logit_bias")  # used by the matching logits alone
 MATCHING_PARAMS = ("vision", "text", "proj_in", "text_proj", *MATCHING_ONLY)
 
 
 def phase_filter(cfg, phase: int):
-    """Of what `trainable_filter` selects: phase 0 trains the towers, their projections and what only the
-    matching logits use (their scale and bias, `motion_proj`); phase 1 everything but the patch head and
-    those; phase 2 adds the patch head."""
+    """Of what `trainable_filter` selects: phase 0 trains the towers, their projections and the matching
+    logits' scale and bias; phase 1 everything but the patch head and that scale and bias; phase 2 adds
+    the patch head."""
     base = trainable_filter(cfg)
 
     def keep(path, var) -> bool:
@@ -345,7 +346,8 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
     graphdef, params, frozen = state_lib.split_model(model, phase_filter(model.config, phase))
     tx = make_optimizer(section)
     shardings = state_lib.train_state_shardings(params, tx, mesh, config.sharding.rules)
-    batch_shardings = {k: batch_sharding(mesh, nd) for k, nd in BATCH_NDIMS.items()}
+    ndims = {**BATCH_NDIMS, **(NEGATIVE_NDIMS if train.negatives is not None else {})}
+    batch_shardings = {k: batch_sharding(mesh, nd) for k, nd in ndims.items()}
     step_fn = state_lib.make_train_step(graphdef, frozen, make_loss_fn(weights, phase), tx, shardings,
                                         batch_shardings)
     ckpt = Checkpointer(folder / "ckpt", keep=config.checkpoint.keep, every_steps=config.checkpoint.every_steps)
@@ -457,8 +459,13 @@ def run(config, workdir: str) -> Path:
         def shown(e: rdata.Example) -> bool:
             return e.prompt_is_rendered
 
-        model, reports[0] = run_phase(0, model, config, root, train.subset(shown), held.subset(shown), tokenizer,
-                                      max_length, mesh)
+        matching = train.subset(shown)
+        if r.phase0.hard_negatives:
+            negatives = rdata.hard_negatives(matching.examples, config.seed)
+            matching = matching.with_negatives(negatives, tokenize(tokenizer, [p for n in negatives for p in n],
+                                                                   max_length))
+        model, reports[0] = run_phase(0, model, config, root, matching, held.subset(shown), tokenizer, max_length,
+                                      mesh)
     model, reports[1] = run_phase(1, model, config, root, train, held, tokenizer, max_length, mesh)
     if r.phase2.steps > 0:
         model, reports[2] = run_phase(2, model, config, root, train, held, tokenizer, max_length, mesh)

@@ -26,11 +26,7 @@ no pretrained SigLIP can be loaded): `match_logits` L_ij = exp(logit_scale) cos(
 logit_bias, with v_i = mean over the sampled frames and patches of proj_in(vision tokens) and
 t_j = the mean of text_proj(text tokens) over the unmasked tokens (logit_scale, logit_bias
 start at log 10 and -10, as SigLIP's). The frame mean sees colours, shapes and background, not
-motion. With `match_motion` the video side adds its trend over time: v_i = m̄ + motion_proj(slope),
-where m_t is the frame-t mean of proj_in(vision tokens), slope = Σ_t (τ_t - τ̄) m_t / Σ_t (τ_t - τ̄)² its
-least-squares slope over the frame positions τ_t = t / (T - 1), and motion_proj a new D x D map that
-starts at zero (so the option changes nothing until trained; one sampled frame has no slope). With
-`match_features` the heads also read the matching probability sigmoid(L) of the
+motion. With `match_features` the heads also read the matching probability sigmoid(L) of the
 video with its own prompt: the video head gets sigmoid(L(v, t)) appended to the mean token, the
 patch head gets sigmoid(L(v_c, t)) appended to cell c's token mean, where v_c is the mean of
 proj_in(vision tokens) over the cell (a direct text-alignment signal once phase 0 has aligned
@@ -129,7 +125,6 @@ class RewardModelConfig:
     remat: bool = False  # rematerialise encoder / temporal layers in the backward pass
     attention_impl: str = "xla"  # see halo_jax.models.attention
     match_features: bool = False  # the heads also read the video's (cell's) matching probability with its prompt
-    match_motion: bool = False  # the matching embedding adds the trend of the frame means (module docstring)
     clip_scores: bool = False  # scores clipped to [1, 5] with a straight-through gradient (module docstring)
 
     def __post_init__(self):
@@ -286,8 +281,6 @@ class RewardModel(nnx.Module):
         self.temporal = stacked(cfg.num_layers, lambda r: TemporalBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
-        if cfg.match_motion:
-            self.motion_proj = dense(d, d, (None, "embed"), kernel_init=nnx.initializers.zeros, **kw)
         head_in = d + int(cfg.match_features)
         self.video_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
         self.patch_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
@@ -338,23 +331,11 @@ class RewardModel(nnx.Module):
 
     def match_video(self, frames: jax.Array) -> jax.Array:
         """Unit matching embedding v_i / |v_i| of each clip (B, F, H, W, C): (B, D), float32."""
-        return _unit(self.video_embedding(self.proj_in(self.encode_frames(frames))))
+        return _unit(self.proj_in(self.encode_frames(frames)).mean(axis=(1, 2)))
 
     def match_text(self, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
         """Unit matching embedding t_j of each prompt (B', S): (B', D), float32."""
         return _text_embedding(self.encode_text(input_ids), text_mask)
-
-    def video_embedding(self, v: jax.Array) -> jax.Array:
-        """The matching side of a video, from proj_in tokens (B, T, N, D): the mean of the frame means m_t,
-        plus motion_proj(their least-squares slope over τ_t = t / (T - 1)) with `match_motion` (module docstring);
-        (B, D), float32."""
-        m = v.astype(jnp.float32).mean(axis=2)  # (B, T, D)
-        mean = m.mean(axis=1)
-        if not self.config.match_motion or m.shape[1] < 2:
-            return mean
-        tau = jnp.linspace(0.0, 1.0, m.shape[1]) - 0.5
-        slope = jnp.einsum("t,btd->bd", tau, m) / jnp.sum(tau**2)
-        return mean + self.motion_proj(slope.astype(v.dtype)).astype(jnp.float32)
 
     def _scaled(self, cosine: jax.Array) -> jax.Array:
         return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * cosine + self.logit_bias[...].astype(jnp.float32)
@@ -365,7 +346,7 @@ class RewardModel(nnx.Module):
         proj_in tokens `v` (B, T, Ht*Wt, D) and text tokens (B, S, D)."""
         g = self.config.vision.grid
         t = _text_embedding(text, text_mask)[:, None]  # (B, 1, D)
-        video = jnp.sum(_unit(self.video_embedding(v))[:, None] * t, axis=-1)  # (B, 1)
+        video = jnp.sum(_unit(v.mean(axis=(1, 2)))[:, None] * t, axis=-1)  # (B, 1)
         cell = pool_tokens(v.astype(jnp.float32).reshape(*v.shape[:2], g, g, v.shape[-1]), cells)  # (B, Tp, Hp, Wp, D)
         cell = jnp.sum(_unit(cell) * t[:, :, None, None], axis=-1)[..., None]
         return jax.nn.sigmoid(self._scaled(video)), jax.nn.sigmoid(self._scaled(cell))
