@@ -356,7 +356,8 @@ class RewardData:
                 raise ValueError(f"{len(self.negatives)} lists of negatives for {len(self.examples)} examples")
             self.num_negatives = max(map(len, self.negatives), default=0)
             others = sorted({p for n in self.negatives for p in n} - set(self.prompt_ids))
-            self.negative_prompt_ids = {**self.prompt_ids, **{p: len(self.prompt_ids) + i for i, p in enumerate(others)}}
+            extra = {p: len(self.prompt_ids) + i for i, p in enumerate(others)}  # groups no example has
+            self.negative_prompt_ids = {**self.prompt_ids, **extra}
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -364,8 +365,9 @@ class RewardData:
     def subset(self, keep: Callable[[Example], bool]) -> RewardData:
         """The examples `keep` accepts (and their negatives), with the same readers, clip, tokens and grid."""
         kept = [i for i, e in enumerate(self.examples) if keep(e)]
+        negatives = None if self.negatives is None else [self.negatives[i] for i in kept]
         return RewardData([self.examples[i] for i in kept], self.readers, self.clip_shape, self.tokens,
-                          self.num_aspects, self.grid, None if self.negatives is None else [self.negatives[i] for i in kept])
+                          self.num_aspects, self.grid, negatives)
 
     def with_negatives(self, negatives: Sequence[Sequence[str]], tokens: Mapping[str, tuple[np.ndarray, np.ndarray]]
                        ) -> RewardData:

@@ -116,7 +116,8 @@ def matching_loss(logits: jax.Array, groups: jax.Array, weight: jax.Array, col_g
                   col_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(L_m, accuracy of sign(L_ij) = z_ij over valid pairs): logits (N, M) of N videos against M prompts,
     groups / weight (N,) of the videos, col_groups / col_weight (M,) of the prompts (default: the videos' own,
-    M = N). z_ij = 1 where video i's group is prompt j's, else -1; L_m = sum_ij w_i w_j softplus(-z_ij L_ij) / sum_i w_i."""
+    M = N). z_ij = 1 where video i's group is prompt j's, else -1;
+    L_m = sum_ij w_i w_j softplus(-z_ij L_ij) / sum_i w_i."""
     col_groups = groups if col_groups is None else col_groups
     col_weight = weight if col_weight is None else col_weight
     z = jnp.where(groups[:, None] == col_groups[None, :], 1.0, -1.0)
