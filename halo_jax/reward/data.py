@@ -401,25 +401,26 @@ class RewardData:
         return item
 
 
-def hard_negatives(examples: Sequence[Example], seed: int) -> list[list[str]]:
-    """Phase 0's hard negatives: for each example of the shapes world, one prompt per attribute of
-    `shapes.ATTRIBUTES` with that attribute of one object changed (`shapes.altered_prompt`, drawn from a
-    generator seeded by (seed, crc32 of the video id): the same for an example however the data is cut);
-    [] for a prompt outside the world's grammar."""
-    import zlib
-
+def attribute_contrasts(prompt: str, rng: np.random.Generator) -> list[str]:
+    """One prompt per attribute of `shapes.ATTRIBUTES`, each with that attribute of one object of `prompt`
+    changed (`shapes.altered_prompt`, drawn from `rng`); [] for a prompt outside the shapes world's grammar
+    (then `rng` is not drawn from)."""
     from halo_jax.data import shapes
 
-    out = []
-    for e in examples:
-        try:
-            scene = shapes.as_scene(e.prompt)
-        except ValueError:
-            out.append([])
-            continue
-        rng = np.random.default_rng([seed, zlib.crc32(e.video_id.encode())])
-        out.append([shapes.altered_prompt(scene, rng, a) for a in shapes.ATTRIBUTES])
-    return out
+    try:
+        scene = shapes.as_scene(prompt)
+    except ValueError:
+        return []
+    return [shapes.altered_prompt(scene, rng, a) for a in shapes.ATTRIBUTES]
+
+
+def hard_negatives(examples: Sequence[Example], seed: int) -> list[list[str]]:
+    """Phase 0's hard negatives: each example's `attribute_contrasts`, drawn from a generator seeded by
+    (seed, crc32 of the video id), so the same for an example however the data is cut."""
+    import zlib
+
+    return [attribute_contrasts(e.prompt, np.random.default_rng([seed, zlib.crc32(e.video_id.encode())]))
+            for e in examples]
 
 
 def prompt_groups(examples: Sequence[Example], group_size: int) -> list[list[int]]:

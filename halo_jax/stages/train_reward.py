@@ -264,12 +264,9 @@ def evaluate_matching(model, tokenizer, text_max_length: int, held: rdata.Reward
     rng = np.random.default_rng(int(config.seed))
     contrasts = {}  # held-out row -> [own prompt, one altered prompt per attribute]
     for i, e in enumerate(held.examples):
-        try:
-            scene = shapes.as_scene(e.prompt) if e.prompt_is_rendered else None
-        except ValueError:  # not a prompt of the shapes world (a real label set)
-            scene = None
-        if scene is not None:
-            contrasts[i] = [e.prompt] + [shapes.altered_prompt(scene, rng, a) for a in shapes.ATTRIBUTES]
+        changed = rdata.attribute_contrasts(e.prompt, rng) if e.prompt_is_rendered else []
+        if changed:  # none for a prompt outside the shapes world (a real label set)
+            contrasts[i] = [e.prompt, *changed]
     altered = {p for group in contrasts.values() for p in group[1:]}
     tokens = {**tokenize(tokenizer, sorted(altered), text_max_length), **{p: held.tokens[p] for p in prompts}}
     videos, texts = match_embeddings(model, held, tokens, int(config.reward.eval_batch_size))
