@@ -87,8 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _training(steps: int, batch_size: int, learning_rate: float, warmup_steps: int) -> dict:
+    # schedule_steps: length of the cosine schedule (0 = steps); set it to extend a run later
     return {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
-            "warmup_steps": warmup_steps, "grad_clip": 1.0, "weight_decay": 0.0}
+            "warmup_steps": warmup_steps, "grad_clip": 1.0, "weight_decay": 0.0, "schedule_steps": 0}
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -175,9 +176,7 @@ def reward_config() -> ml_collections.ConfigDict:
     "frozen", "lora" or "top:K"). Aspects and grid are the top-level `config.aspects` / `config.grid`.
     """
     def phase(steps: int, learning_rate: float) -> dict:
-        # schedule_steps: length of the cosine schedule (0 = steps); set it to extend a run later
-        return {**_training(steps=steps, batch_size=32, learning_rate=learning_rate, warmup_steps=30),
-                "schedule_steps": 0}
+        return _training(steps=steps, batch_size=32, learning_rate=learning_rate, warmup_steps=30)
 
     return ml_collections.ConfigDict({
         # -- data (any combination)

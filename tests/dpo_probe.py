@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -26,15 +26,15 @@ from halo_jax.parallel import mesh as mesh_lib  # noqa: E402
 from halo_jax.stages.pairs import loss_config  # noqa: E402
 from halo_jax.stages.train_dpo import make_dpo_step, pair_batches  # noqa: E402
 from halo_jax.train.optim import make_optimizer  # noqa: E402
-from reduced_demo import get_config  # noqa: E402
+from reduced_demo import PROBE_STEPS, get_config  # noqa: E402
 
-STEPS, LEARNING_RATE, ROWS = 16, 1e-3, 8
+ROWS = 8
 
 
 def main(workdir: Path, out: Path) -> None:
     config = get_config()
     cfg = config.dpo
-    cfg.update(steps=STEPS, learning_rate=LEARNING_RATE, warmup_steps=1)
+    cfg.steps = PROBE_STEPS  # on the schedule the demo's train_dpo compiled (tests/reduced_demo.py)
     mesh = mesh_lib.make_mesh(config.mesh)
     model = apply_lora(load_transformer(SHAPES_WAN / "transformer", mesh=mesh), LoRAConfig.from_config(cfg.lora),
                        key=config.seed)
@@ -43,15 +43,18 @@ def main(workdir: Path, out: Path) -> None:
     step = make_dpo_step(model, diffusion, loss_config(config), make_optimizer(cfg), mesh)
     batch = next(pair_batches(StoreReader(workdir / "pairs"), ROWS, config.seed, step))  # pairs repeated to 8 rows
     state = step.init_state(config.seed)
-    probe_rng = np.asarray(state["rng"])  # uint32 key data
+    probe_rng = state["rng"].copy()  # uint32 key data
 
     def measure(state):  # metrics are taken before the update: the loss of `state`'s params, fixed t and noise
-        probe = {**jax.device_get(state), "rng": probe_rng, "step": np.zeros((), np.int32)}
+        # a device copy (the step donates its state) with the same dtypes, weak types and shardings as the
+        # training state, so the step compiled for training runs it
+        probe = {**jax.tree.map(lambda x: x.copy(), state), "rng": probe_rng.copy(),
+                 "step": jnp.zeros_like(state["step"])}
         return {k: float(v) for k, v in jax.device_get(step(probe, batch)[1]).items()}
 
     with jax.set_mesh(mesh):
         before = measure(state)
-        for _ in range(STEPS):
+        for _ in range(PROBE_STEPS):
             state, _ = step(state, batch)
         after = measure(state)
     out.write_text(json.dumps({"before": before, "after": after}, indent=1))

@@ -22,6 +22,7 @@ from halo_jax.config import compare_config
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("generate", "label", "train_reward", "score", "pairs", "train_dpo", "evaluate")
 VARIANTS = {"": STAGES, "multihost": STAGES[:-1], "compare": ("compare",)}
+PROBE_STEPS, PROBE_LR = 16, 1e-3  # tests/dpo_probe.py: Gran-DPO steps on the demo's pairs
 
 
 def get_config(variant: str = ""):
@@ -52,7 +53,8 @@ def reduce(config):
     r.eval_batch_size = 4
     config.score.batch_size = 8
     config.pairs.update(margin_video=0.0, margin_patch=0.01)  # a margin: no sign flips on float noise
-    config.dpo.update(steps=2, batch_size=8, warmup_steps=1)
+    # the schedule of tests/dpo_probe.py's 16 steps at 1e-3: the probe's step is this stage's compiled program
+    config.dpo.update(steps=2, batch_size=8, warmup_steps=1, learning_rate=PROBE_LR, schedule_steps=PROBE_STEPS)
     config.evaluate.update(num_prompts=2, samples_per_prompt=1, batch_size=2, bootstrap=50, report_prompts=2)
     config.checkpoint.every_steps = 2
     config.log.update(every_steps=1, progress=False)

@@ -16,6 +16,7 @@ from halo_jax.train import checkpoint as checkpoint_lib
 from halo_jax.train.loop import Preempted
 from halo_jax.train.metrics import read_metrics
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # the repeated and resumed runs reuse the compiled steps
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

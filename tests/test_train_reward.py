@@ -16,6 +16,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from dpo_world import random_module
 from flax import nnx
 
 from halo_jax.config import ConfigError, base_config, reward_config, score_config
@@ -145,9 +146,10 @@ def test_phase0_matching_trains_the_towers_and_phase1_continues_it(tmp_path):
     assert changed == set(train_reward.MATCHING_PARAMS), changed
     assert json.loads((tmp_path / "reward" / "phase1" / "done.json").read_text())["phase0_steps"] == 30
 
-    config.reward.phase0.steps = 40  # phase 0 extended after phase 1 ran: phase 1 refuses to continue
+    config.reward.phase0.steps = 40  # phase 0 extended after phase 1 ran: refused before anything trains
     with pytest.raises(ConfigError, match="continues a phase 0 of 30 steps, but phase 0 now has 40"):
         train_reward.run(config, str(tmp_path))
+    assert read_metrics(tmp_path / "reward" / "phase0" / "metrics.jsonl")[-1]["step"] == 30
 
 
 def test_hard_negatives_change_one_attribute_and_ride_along_in_the_items():
@@ -183,8 +185,8 @@ def test_a_finished_phase_continues_under_the_current_model_config(tmp_path):
     as match_features takes effect next); a trained parameter that no longer fits is a ConfigError."""
     from halo_jax.models.reward import RewardModel, RewardModelConfig
 
-    def build(seed, **kw):
-        return RewardModel(RewardModelConfig.tiny(**kw), rngs=nnx.Rngs(seed))
+    def build(seed, **kw):  # NumPy-random values: no per-initialiser XLA compiles
+        return random_module(lambda: RewardModel(RewardModelConfig.tiny(**kw), rngs=nnx.Rngs(seed)), seed)
 
     finished = build(0)
     current = build(1, match_features=True, clip_scores=True)

@@ -111,6 +111,23 @@ def continues_from(r, phase: int) -> dict:
     return {f"phase{q}_steps": int(r[f"phase{q}"].steps) for q in range(phase) if q > 0 or int(r.phase0.steps) > 0}
 
 
+def check_continuations(r, root: Path, keep: int) -> None:
+    """Before anything trains: a started phase (a checkpoint in reward/phaseP/ckpt) must continue the earlier
+    phases as configured now; a changed step count of one of them is a ConfigError naming the folder to delete."""
+    for phase in (1, 2):
+        folder = root / f"phase{phase}"
+        if not (folder / "ckpt").exists():
+            continue
+        ckpt = Checkpointer(folder / "ckpt", keep=keep, handle_sigterm=False)
+        extra = ckpt.extra()
+        ckpt.close()
+        for k, v in continues_from(r, phase).items():
+            if extra is not None and extra.get(k) != v:
+                earlier = k.removesuffix("_steps").replace("phase", "phase ")
+                raise ConfigError(f"{folder} continues a {earlier} of {extra.get(k)} steps, but {earlier} now has "
+                                  f"{v}; delete {folder} to train phase {phase} again from the new {earlier}")
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -351,11 +368,6 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
     state, extra = state_lib.restore_or_init(
         ckpt, lambda p: state_lib.init_train_state(p, tx, config.seed + phase), shardings,
         state_lib.pure(params))
-    for k, v in origin.items():
-        if extra and extra.get(k) != v:
-            earlier = k.removesuffix("_steps").replace("phase", "phase ")
-            raise ConfigError(f"{folder} continues a {earlier} of {extra.get(k)} steps, but {earlier} now has {v}; "
-                              f"delete {folder} to train phase {phase} again from the new {earlier}")
     rows = distributed.process_local_rows(section.batch_size, batch_shardings["valid"])  # videos; whole groups
     data = make_data(train, g, section.batch_size // g, slice(rows.start // g, rows.stop // g), config.seed + phase)
     if extra:
@@ -418,6 +430,7 @@ def run(config, workdir: str) -> Path:
     if weights.bound_margin > 0 and not r.model.clip_scores:
         raise ConfigError(f"reward.losses.bound_margin={weights.bound_margin} needs a model that clips its scores: "
                           "set reward.model.clip_scores=True (or the margin to 0)")
+    check_continuations(r, root, config.checkpoint.keep)
 
     examples, readers, bad = gather_examples(config, workdir, root)
     for line in bad.summary_lines():

@@ -94,6 +94,13 @@ class Checkpointer:
         )
         self.manager.wait_until_finished()
 
+    def extra(self, step: int | None = None) -> dict | None:
+        """The JSON extra saved at `step` (default: latest) without reading the state; None without a checkpoint."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        return dict(self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"] or {})
+
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
         """(state, extra) at `step` (default: latest) laid out as the abstract `target` says."""
         step = self.latest_step() if step is None else step
