@@ -30,7 +30,7 @@ from ml_collections import ConfigDict
 from halo_jax.align.dpo_step import make_dpo_step
 from halo_jax.benchmarks.config import dpo_loss_config, latent_shape, lora_config, make_batches, model_config, optimizer
 from halo_jax.benchmarks.levers import abstract_state
-from halo_jax.benchmarks.memory import compiled_memory
+from halo_jax.benchmarks.memory import compile_for_memory, compiled_memory
 from halo_jax.benchmarks.model import build_model
 from halo_jax.benchmarks.steps import make_sft_step
 from halo_jax.diffusion import FlowMatching
@@ -53,13 +53,13 @@ def _compile(c: ConfigDict, kind: str, mesh, model, tx, sft_np: dict, dpo_np: di
         bsh = NamedSharding(mesh, P(BATCH_AXES))
         shapes = jax.eval_shape(lambda p: init_train_state(p, tx, 0), pure(params))
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-        return step.lower(state, _abstract_batch(sft_np, bsh)).compile(), sum(int(x.size) for x in jax.tree.leaves(params))
+        return compile_for_memory(step.lower(state, _abstract_batch(sft_np, bsh))), sum(int(x.size) for x in jax.tree.leaves(params))
     mode = "lora" if kind == "dpo_lora" else "full"
     if mode == "lora":
         lora_lib.apply_lora(model, lora_config(c), key=0)
     dpo = make_dpo_step(model, FlowMatching(), dpo_loss_config(c), tx, mesh, mode=mode)
     batch = _abstract_batch(dpo._check_batch(dpo_np), dpo.batch_sharding)
-    compiled = dpo.jitted.lower(abstract_state(dpo), batch, dpo.frozen, dpo.reference).compile()
+    compiled = compile_for_memory(dpo.jitted.lower(abstract_state(dpo), batch, dpo.frozen, dpo.reference))
     return compiled, sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 

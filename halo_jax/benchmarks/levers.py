@@ -17,7 +17,8 @@ model options remat="none", scan_layers=False, float32 compute and weights:
     bf16_compute        bf16 compute, float32 master weights (the optimizer and adapters stay float32)
     bf16_params         bf16 compute and a bf16 frozen base (float32 LoRA adapters)
 
-Each is compiled (and timed over `levers.steps` steps when > 0); the table gives the compiled
+Each is compiled (and timed over `levers.steps` steps when > 0; with 0 steps compiled for memory only,
+`memory.compile_for_memory`: same bytes, shorter compile); the table gives the compiled
 argument / output / temp bytes per device and their total (memory.py). A last row measures what
 precomputing the text embeddings saves: the umT5 encoder (`levers.text_encoder`) compiled on the
 same batch's prompts (its weights are arguments the step would otherwise hold, its forward is
@@ -42,7 +43,7 @@ from ml_collections import ConfigDict
 from halo_jax.align.dpo_step import make_dpo_step
 from halo_jax.benchmarks.config import (FP32_UNROLLED, bench_mesh, dpo_loss_config, latent_shape, lora_config,
                                         make_batches, model_config, num_tokens, optimizer)
-from halo_jax.benchmarks.memory import compiled_memory
+from halo_jax.benchmarks.memory import compile_for_memory, compiled_memory
 from halo_jax.benchmarks.model import build_model
 from halo_jax.benchmarks.timing import time_program, time_steps
 from halo_jax.diffusion import FlowMatching
@@ -111,7 +112,8 @@ def measure_lever(c: ConfigDict, lever: Lever, mesh: jax.sharding.Mesh, dpo_np: 
     # The context mesh lets shard_map kernels (splash attention) split per device. Models are built
     # outside it: nnx.eval_shape under a mesh would read the logical names as mesh axes.
     with jax.set_mesh(mesh):
-        compiled = dpo.jitted.lower(state, batch, dpo.frozen, dpo.reference).compile()
+        lowered = dpo.jitted.lower(state, batch, dpo.frozen, dpo.reference)
+        compiled = lowered.compile() if steps > 0 else compile_for_memory(lowered)
         compile_s = time.perf_counter() - t0
         time_s = _timed(compiled, (state, batch, dpo.frozen, dpo.reference), steps, warmup)
     trainable = sum(int(x.size) for x in jax.tree.leaves(dpo.params))
@@ -153,7 +155,8 @@ def measure_text_encoder(c: ConfigDict, mesh: jax.sharding.Mesh, prompts: int,
     t0 = time.perf_counter()
     steps = int(c.levers.steps)
     with jax.set_mesh(mesh):
-        compiled = fn.lower(state, ids, mask).compile()
+        lowered = fn.lower(state, ids, mask)
+        compiled = lowered.compile() if steps > 0 else compile_for_memory(lowered)
         compile_s = time.perf_counter() - t0
         time_s = float(np.median(time_steps(lambda: compiled(state, ids, mask), steps, int(c.levers.warmup)))) \
             if steps > 0 else None
