@@ -53,7 +53,8 @@ def _compile(c: ConfigDict, kind: str, mesh, model, tx, sft_np: dict, dpo_np: di
         bsh = NamedSharding(mesh, P(BATCH_AXES))
         shapes = jax.eval_shape(lambda p: init_train_state(p, tx, 0), pure(params))
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-        return compile_for_memory(step.lower(state, _abstract_batch(sft_np, bsh))), sum(int(x.size) for x in jax.tree.leaves(params))
+        compiled = compile_for_memory(step.lower(state, _abstract_batch(sft_np, bsh)))
+        return compiled, sum(int(x.size) for x in jax.tree.leaves(params))
     mode = "lora" if kind == "dpo_lora" else "full"
     if mode == "lora":
         lora_lib.apply_lora(model, lora_config(c), key=0)
