@@ -18,6 +18,7 @@ from halo_jax.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # the repeated and resumed runs reuse the compiled steps
 
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_world")
