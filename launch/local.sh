@@ -5,6 +5,7 @@
 #
 # Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, which
 # halo_jax.main turns into jax.distributed.initialize() (gloo collectives on CPU).
+# XLA_FLAGS from the environment are kept (the device count is added last, so it wins).
 # Logs go to DIR/logs/process_K.log; the script waits for every process and fails if any fails.
 # When one process fails the others are stopped (TERM, then KILL after GRACE seconds, default 10):
 # they would otherwise wait at the next barrier or collective until the runtime's timeout.
@@ -22,7 +23,7 @@ PORT="${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1
 PY="${PYTHON:-python}"
 pids=()
 for ((i = 0; i < NUM; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$DEVICES" \
   JAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT" JAX_NUM_PROCESSES="$NUM" JAX_PROCESS_ID="$i" \
     "$PY" -m halo_jax.main "$@" > "$WORKDIR/logs/process_$i.log" 2>&1 &
   pids+=($!)

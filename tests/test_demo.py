@@ -50,9 +50,11 @@ UNCOMPARED = ("step", "time", "wall_time", "acc_video", "acc_patch")
 
 
 def _env(devices: int, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    """This session's environment without JAX settings; its XLA flags (tests/conftest.py) kept, `devices` last."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+            "XLA_FLAGS": flags, **extra}
 
 
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:

@@ -20,7 +20,7 @@ parser.add_argument("--coordinator", default="")
 parser.add_argument("--num_processes", type=int, default=1)
 parser.add_argument("--process_id", type=int, default=0)
 args = parser.parse_args()
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
