@@ -114,3 +114,19 @@ def test_slurm_errors(fake_slurm):
     bad = _sh("launch/slurm.sh", *MAIN_ARGS, "--config.distributed.process_id=3", env=fake_slurm, check=False)
     assert bad.returncode == 2 and "sets --config.distributed" in bad.stderr
     assert "srun" in _sh("launch/slurm.sh", "-h").stdout
+
+
+def test_local_processes_get_their_ids_and_keep_the_callers_xla_flags(tmp_path):
+    """launch/local.sh through a fake Python: each process's log shows what it was started with."""
+    fake = tmp_path / "fakepy"
+    _exe(fake, 'echo "$JAX_PROCESS_ID/$JAX_NUM_PROCESSES $JAX_COORDINATOR_ADDRESS [$XLA_FLAGS] $*"\n'
+               '[[ "$JAX_PROCESS_ID" != 1 || -z "$FAIL" ]] || exit 7\n')
+    work = tmp_path / "run"
+    env = {"PYTHON": str(fake), "PORT": "12345", "XLA_FLAGS": "--xla_dump_to=/tmp/d"}
+    _sh("launch/local.sh", "2", "4", "--config=configs/describe.py", f"--workdir={work}", env=env)
+    for rank in (0, 1):
+        log = (work / "logs" / f"process_{rank}.log").read_text().strip()
+        assert log == (f"{rank}/2 127.0.0.1:12345 [--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4] "
+                       f"-m halo_jax.main --config=configs/describe.py --workdir={work}")
+    bad = _sh("launch/local.sh", "2", "4", f"--workdir={work}", env={**env, "FAIL": "1", "GRACE": "1"}, check=False)
+    assert bad.returncode == 1 and "process 1 failed (exit status 7)" in bad.stderr
