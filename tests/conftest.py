@@ -5,11 +5,12 @@ import os
 # XLA:CPU aborts a process whose devices reach a collective more than 60 s apart (a 20 s warning, then
 # 40 s more). The suite runs several 8-device JAX processes at once on 2 cores, where one device's
 # threads can be starved that long: wait up to 10 minutes (the tests' own timeouts catch a real hang).
-# Test subprocesses inherit these flags (tests/test_demo.py, launch/local.sh and tests/toy_train.py add
-# their device count after them).
+# Flags already in XLA_FLAGS come after these defaults, so they win. Test subprocesses inherit them
+# (tests/test_demo.py, launch/local.sh and tests/toy_train.py add their own device count last).
 PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
                        "--xla_cpu_collective_call_terminate_timeout_seconds=600")
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES}")
+os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES} "
+                           f"{os.environ.get('XLA_FLAGS', '')}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
