@@ -9,8 +9,9 @@ import os
 # (tests/test_demo.py, launch/local.sh and tests/toy_train.py add their own device count last).
 PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
                        "--xla_cpu_collective_call_terminate_timeout_seconds=600")
-os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES} "
-                           f"{os.environ.get('XLA_FLAGS', '')}").strip()
+_flags = os.environ.get("XLA_FLAGS", "")
+if PATIENT_COLLECTIVES not in _flags:  # pytest-xdist workers inherit the controller's, already set
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES} {_flags}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
