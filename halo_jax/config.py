@@ -201,6 +201,7 @@ def reward_config() -> ml_collections.ConfigDict:
             "score_offset": 3.0, "vision_tuning": "full", "text_tuning": "full", "lora_rank": 8, "lora_alpha": 16.0,
             "remat": False, "attention_impl": "xla", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
             "match_features": False,  # the heads also read the matching probability (RewardModel docstring)
+            "head_pool": "mean",  # mean | mean_max: the heads read the mean (and max) of their tokens
             "clip_scores": False,  # scores clipped to [1, 5], straight-through gradient (RewardModel docstring)
             "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                        "num_attention_heads": 4, "image_size": 32, "patch_size": 4},

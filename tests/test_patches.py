@@ -127,6 +127,22 @@ def test_pool_cells_latent_even_and_uneven_vs_loop(pool_jit, latent, grid, even_
     np.testing.assert_allclose(np.asarray(back)[0, 0], got[0, 0].ravel()[ids], rtol=1e-6)
 
 
+@pytest.mark.parametrize("latent,grid", [((4, 4, 6), (2, 2, 3)), ((6, 5, 7), (3, 2, 3))])
+def test_pool_cells_max_is_the_largest_value_of_each_cell(latent, grid):
+    """reduce='max' on even and uneven axes against a loop over the cells' members."""
+    cells = P.latent_cell_map(latent, grid)
+    x = np.random.default_rng(2).normal(size=(2,) + latent).astype(np.float32)
+    got = np.asarray(P.pool_cells(jnp.asarray(x), cells, reduce="max"))
+    ids = [np.asarray(i) for i in cells.ids]
+    ref = np.empty((2,) + grid, np.float32)
+    for c in np.ndindex(*grid):
+        members = x[:, ids[0] == c[0]][:, :, ids[1] == c[1]][:, :, :, ids[2] == c[2]]
+        ref[(slice(None),) + c] = members.reshape(2, -1).max(axis=1)
+    np.testing.assert_array_equal(got, ref)
+    with pytest.raises(ValueError, match="reduce must be 'mean' or 'max'"):
+        P.pool_cells(jnp.asarray(x), cells, reduce="sum")
+
+
 def test_pool_cells_even_path_is_a_reshape():
     cells = P.latent_cell_map((4, 4, 6), (2, 2, 3))
     jaxpr = str(jax.make_jaxpr(lambda v: P.pool_cells(v, cells))(jnp.zeros((1, 4, 4, 6))))

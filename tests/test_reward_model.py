@@ -85,6 +85,7 @@ def test_patch_pooling_puts_every_token_in_its_cell(num_frames, clip_shape):
 
     tokens = np.random.RandomState(0).randn(2, num_frames, 7, 7, 5).astype(np.float32)
     pooled = np.asarray(pool_tokens(jnp.asarray(tokens), cells))
+    maxed = np.asarray(pool_tokens(jnp.asarray(tokens), cells, "max"))  # head_pool="mean_max"'s second half
     assert pooled.shape == (2, *GRID, 5)
     for t in range(GRID[0]):
         for h in range(GRID[1]):
@@ -92,6 +93,7 @@ def test_patch_pooling_puts_every_token_in_its_cell(num_frames, clip_shape):
                 members = [tokens[:, a, b, c] for a in range(num_frames) for b in range(7) for c in range(7)
                            if tuple(expected[a, b, c]) == (t, h, w)]
                 np.testing.assert_allclose(pooled[:, t, h, w], np.mean(members, axis=0), rtol=1e-5, atol=1e-6)
+                np.testing.assert_array_equal(maxed[:, t, h, w], np.max(members, axis=0))
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +255,26 @@ def test_match_features_are_the_matching_probabilities_of_video_and_cells():
             assert float(cell[b][c][0]) == pytest.approx(expected, rel=1e-5), (b, c)
     out = model(frames, ids, mask)
     assert out["video"].shape == (2, len(cfg.aspects)) and out["patch"].shape == (2, len(cfg.aspects), *GRID)
+
+
+def test_mean_max_heads_read_the_mean_and_the_max_of_their_tokens():
+    """head_pool="mean_max": the heads' inputs are [mean, max] of the final tokens (2 x width), so a score
+    changes with the largest token even where the mean is held fixed."""
+    cfg = RewardModelConfig.tiny(num_frames=5, grid=GRID, head_pool="mean_max")
+    model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
+    assert model.video_head.fc1.kernel[...].shape[0] == model.patch_head.fc1.kernel[...].shape[0] == 2 * cfg.width
+    rng = np.random.RandomState(3)
+    frames = jnp.asarray(rng.randint(0, 256, (2, 5, 35, 42, 3)).astype(np.uint8))
+    ids = jnp.asarray(rng.randint(0, cfg.text.vocab_size, (2, 8)))
+    out = model(frames, ids)
+    assert out["video"].shape == (2, len(cfg.aspects)) and out["patch"].shape == (2, len(cfg.aspects), *GRID)
+    mean = np.zeros((1, cfg.width), np.float32)
+    peaked = np.array(mean)
+    peaked[0, 0] = 1.0  # [mean, max] with the same mean and another max
+    a, b = (np.asarray(model.video_head(jnp.asarray(np.concatenate([mean, m], -1)))) for m in (mean, peaked))
+    assert np.abs(a - b).max() > 1e-6
+    with pytest.raises(ValueError, match="head_pool='sum'"):
+        RewardModelConfig.tiny(head_pool="sum")
 
 
 def test_clipped_scores_stay_in_range_with_the_identity_gradient():

@@ -277,14 +277,17 @@ def _check_values(values: jax.Array, cells: CellMap) -> None:
                          f"(B, ..., {', '.join(map(str, cells.shape))}) for grid {cells.grid}")
 
 
-def pool_cells(values: jax.Array, grid: Sequence[int] | CellMap) -> jax.Array:
-    """Per-cell mean: `(B, ..., F, H, W) -> (B, ..., Tp, Hp, Wp)`.
+def pool_cells(values: jax.Array, grid: Sequence[int] | CellMap, reduce: str = "mean") -> jax.Array:
+    """Per-cell mean (or max, `reduce="max"`): `(B, ..., F, H, W) -> (B, ..., Tp, Hp, Wp)`.
 
     `grid` is a `(Tp, Hp, Wp)` tuple (the cells of the values' own `(F, H, W)` axes, i.e.
     pixel space: `pixel_cell_map`) or a `CellMap` (e.g. `latent_cell_map` for latents).
-    Even axes use reshape + mean, uneven ones a normalised one-hot contraction (HIGHEST
-    precision, so TPU matmuls do not round to bf16).
+    Cells are products of per-axis blocks, so both reduce one axis at a time. Even axes use
+    reshape + mean / max; uneven ones a normalised one-hot contraction (HIGHEST precision, so
+    TPU matmuls do not round to bf16) for the mean, a masked max per cell for the max.
     """
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
     values = jnp.asarray(values)
     if values.ndim < 4:
         raise ValueError(f"pool_cells expects (B, ..., F, H, W), got shape {tuple(values.shape)}")
@@ -297,7 +300,14 @@ def pool_cells(values: jax.Array, grid: Sequence[int] | CellMap) -> jax.Array:
         g = cells.grid[ax]
         if cells.is_even(ax):
             n = cells.shape[ax]
-            x = x.reshape(x.shape[:dim] + (g, n // g) + x.shape[dim + 1:]).mean(axis=dim + 1)
+            blocks = x.reshape(x.shape[:dim] + (g, n // g) + x.shape[dim + 1:])
+            x = blocks.max(axis=dim + 1) if reduce == "max" else blocks.mean(axis=dim + 1)
+        elif reduce == "max":
+            ids = cells.axis_ids(ax)
+            shape = [1] * x.ndim
+            shape[dim] = len(ids)
+            x = jnp.stack([jnp.max(jnp.where(jnp.asarray(ids == c).reshape(shape), x, -jnp.inf), axis=dim)
+                           for c in range(g)], axis=dim)
         else:
             m = jnp.asarray(cells.one_hot(ax), dtype=jnp.promote_types(x.dtype, jnp.float32))
             x = jnp.moveaxis(jnp.tensordot(x, m, axes=((dim,), (0,)),

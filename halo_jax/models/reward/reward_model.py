@@ -12,6 +12,9 @@
     video head:  s_video = score_offset + MLP_v(mean over all tokens of h)          (B, A)
     patch head:  s_patch[c] = score_offset + MLP_p(mean of h over the tokens of cell c)
                  (B, A, Tp, Hp, Wp)
+    with head_pool="mean_max" each head reads [mean, max] (the elementwise max over the same tokens
+    next to their mean, 2D wide): an object fills a few of a cell's tokens, and a mean dilutes
+    what those few say (docs/architecture.md, "Head pooling")
 
 Scores are reals on the 1..5 label scale (linear output around `score_offset`, no squashing,
 so regression and Bradley-Terry losses never saturate). With `clip_scores` each head's output s
@@ -85,6 +88,7 @@ from halo_jax.teachers.base import SCORE_MAX, SCORE_MIN
 
 Dtype = Any
 DEFAULT_ASPECTS = ("visual_quality", "temporal_consistency", "text_alignment")
+HEAD_POOLS = ("mean", "mean_max")
 
 
 def parse_tuning(mode: str, depth: int, what: str) -> tuple[str, int]:
@@ -125,6 +129,7 @@ class RewardModelConfig:
     remat: bool = False  # rematerialise encoder / temporal layers in the backward pass
     attention_impl: str = "xla"  # see halo_jax.models.attention
     match_features: bool = False  # the heads also read the video's (cell's) matching probability with its prompt
+    head_pool: str = "mean"  # mean | mean_max: what the heads read of their tokens (module docstring)
     clip_scores: bool = False  # scores clipped to [1, 5] with a straight-through gradient (module docstring)
 
     def __post_init__(self):
@@ -143,6 +148,8 @@ class RewardModelConfig:
         if self.grid[0] > self.num_frames or self.grid[1] > self.vision.grid or self.grid[2] > self.vision.grid:
             raise ValueError(f"grid {self.grid} is finer than the tokens: {self.num_frames} frames x "
                              f"{self.vision.grid}x{self.vision.grid} tokens per frame; coarsen the grid or sample more frames")
+        if self.head_pool not in HEAD_POOLS:
+            raise ValueError(f"head_pool={self.head_pool!r}: use one of {HEAD_POOLS}")
         parse_tuning(self.vision_tuning, self.vision.num_hidden_layers, "vision_tuning")
         parse_tuning(self.text_tuning, self.text.num_hidden_layers, "text_tuning")
 
@@ -213,11 +220,11 @@ def _text_embedding(text: jax.Array, text_mask: jax.Array | None) -> jax.Array:
     return _unit(jnp.sum(text.astype(jnp.float32) * w[..., None], axis=1) / jnp.maximum(jnp.sum(w, axis=1)[:, None], 1.0))
 
 
-def pool_tokens(tokens: jax.Array, cells: CellMap) -> jax.Array:
-    """Per-cell token mean: (B, T, Ht, Wt, D) -> (B, Tp, Hp, Wp, D) (float32 accumulation)."""
+def pool_tokens(tokens: jax.Array, cells: CellMap, reduce: str = "mean") -> jax.Array:
+    """Per-cell token mean (or max): (B, T, Ht, Wt, D) -> (B, Tp, Hp, Wp, D) (float32 accumulation)."""
     if tokens.ndim != 5 or tuple(tokens.shape[1:4]) != cells.shape:
         raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not match the cell map of token shape {cells.shape}")
-    pooled = pool_cells(jnp.moveaxis(tokens, -1, 1), cells)  # (B, D, Tp, Hp, Wp)
+    pooled = pool_cells(jnp.moveaxis(tokens, -1, 1), cells, reduce)  # (B, D, Tp, Hp, Wp)
     return jnp.moveaxis(pooled, 1, -1).astype(tokens.dtype)
 
 
@@ -281,7 +288,7 @@ class RewardModel(nnx.Module):
         self.temporal = stacked(cfg.num_layers, lambda r: TemporalBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
-        head_in = d + int(cfg.match_features)
+        head_in = d * (2 if cfg.head_pool == "mean_max" else 1) + int(cfg.match_features)
         self.video_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
         self.patch_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
         def scalar(value: float) -> nnx.Param:
@@ -371,7 +378,11 @@ class RewardModel(nnx.Module):
         x = scan_layers(self.temporal, x, text, mask, remat=cfg.remat)
         h = self.final_norm(x)  # (B, T*N, D)
         mean = h.astype(jnp.float32).mean(axis=1).astype(h.dtype)
-        pooled = pool_tokens(h.reshape(b, cfg.num_frames, g, g, cfg.width), cells)  # (B, Tp, Hp, Wp, D)
+        grid_h = h.reshape(b, cfg.num_frames, g, g, cfg.width)
+        pooled = pool_tokens(grid_h, cells)  # (B, Tp, Hp, Wp, D)
+        if cfg.head_pool == "mean_max":
+            mean = jnp.concatenate([mean, h.max(axis=1)], axis=-1)
+            pooled = jnp.concatenate([pooled, pool_tokens(grid_h, cells, "max")], axis=-1)
         if cfg.match_features:
             video_match, cell_match = self._match_features(v, text, text_mask, cells)
             mean = jnp.concatenate([mean, video_match.astype(mean.dtype)], axis=-1)
