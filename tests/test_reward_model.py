@@ -186,7 +186,7 @@ def test_load_towers_from_a_siglip_folder(tmp_path):
 
 
 def test_config_round_trip_and_errors():
-    cfg = RewardModelConfig.tiny(aspects=("a", "b"), grid=[1, 2, 2], vision_tuning="top:2")
+    cfg = RewardModelConfig.tiny(aspects=("a", "b"), grid=[1, 2, 2], vision_tuning="top:2", head_pool="mean_max")
     assert RewardModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="grid"):
         RewardModelConfig.tiny(grid=(2, 8, 2))  # 7 token rows cannot fill 8 cells

@@ -377,18 +377,18 @@ class RewardModel(nnx.Module):
         mask = None if text_mask is None else jnp.asarray(text_mask) != 0
         x = scan_layers(self.temporal, x, text, mask, remat=cfg.remat)
         h = self.final_norm(x)  # (B, T*N, D)
-        mean = h.astype(jnp.float32).mean(axis=1).astype(h.dtype)
+        video_in = h.astype(jnp.float32).mean(axis=1).astype(h.dtype)
         grid_h = h.reshape(b, cfg.num_frames, g, g, cfg.width)
-        pooled = pool_tokens(grid_h, cells)  # (B, Tp, Hp, Wp, D)
+        cells_in = pool_tokens(grid_h, cells)  # (B, Tp, Hp, Wp, D)
         if cfg.head_pool == "mean_max":
-            mean = jnp.concatenate([mean, h.max(axis=1)], axis=-1)
-            pooled = jnp.concatenate([pooled, pool_tokens(grid_h, cells, "max")], axis=-1)
+            video_in = jnp.concatenate([video_in, h.max(axis=1)], axis=-1)
+            cells_in = jnp.concatenate([cells_in, pool_tokens(grid_h, cells, "max")], axis=-1)
         if cfg.match_features:
             video_match, cell_match = self._match_features(v, text, text_mask, cells)
-            mean = jnp.concatenate([mean, video_match.astype(mean.dtype)], axis=-1)
-            pooled = jnp.concatenate([pooled, cell_match.astype(pooled.dtype)], axis=-1)
-        video = self.video_head(mean)
-        patch = jnp.moveaxis(self.patch_head(pooled), -1, 1)  # (B, A, Tp, Hp, Wp)
+            video_in = jnp.concatenate([video_in, video_match.astype(video_in.dtype)], axis=-1)
+            cells_in = jnp.concatenate([cells_in, cell_match.astype(cells_in.dtype)], axis=-1)
+        video = self.video_head(video_in)
+        patch = jnp.moveaxis(self.patch_head(cells_in), -1, 1)  # (B, A, Tp, Hp, Wp)
         if not cfg.clip_scores:
             return {"video": video, "patch": patch}
         return {"video": clip_to_label_range(video), "patch": clip_to_label_range(patch),
