@@ -257,22 +257,32 @@ def test_match_features_are_the_matching_probabilities_of_video_and_cells():
     assert out["video"].shape == (2, len(cfg.aspects)) and out["patch"].shape == (2, len(cfg.aspects), *GRID)
 
 
-def test_mean_max_heads_read_the_mean_and_the_max_of_their_tokens():
-    """head_pool="mean_max": the heads' inputs are [mean, max] of the final tokens (2 x width), so a score
-    changes with the largest token even where the mean is held fixed."""
+def test_mean_max_heads_read_the_mean_and_the_max_of_their_tokens(monkeypatch):
+    """head_pool="mean_max": each head reads [mean, max] of its tokens (2 x width). Recorded head inputs: the
+    video's max half is the max of the cells' max halves, its mean half the token-count-weighted mean of
+    the cells' mean halves (every token lies in exactly one cell)."""
+    from halo_jax.models.reward.reward_model import ScoreHead
+
     cfg = RewardModelConfig.tiny(num_frames=5, grid=GRID, head_pool="mean_max")
     model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
     assert model.video_head.fc1.kernel[...].shape[0] == model.patch_head.fc1.kernel[...].shape[0] == 2 * cfg.width
+    seen = []
+    original = ScoreHead.__call__
+    monkeypatch.setattr(ScoreHead, "__call__", lambda head, x: seen.append(np.asarray(x)) or original(head, x))
     rng = np.random.RandomState(3)
     frames = jnp.asarray(rng.randint(0, 256, (2, 5, 35, 42, 3)).astype(np.uint8))
     ids = jnp.asarray(rng.randint(0, cfg.text.vocab_size, (2, 8)))
     out = model(frames, ids)
     assert out["video"].shape == (2, len(cfg.aspects)) and out["patch"].shape == (2, len(cfg.aspects), *GRID)
-    mean = np.zeros((1, cfg.width), np.float32)
-    peaked = np.array(mean)
-    peaked[0, 0] = 1.0  # [mean, max] with the same mean and another max
-    a, b = (np.asarray(model.video_head(jnp.asarray(np.concatenate([mean, m], -1)))) for m in (mean, peaked))
-    assert np.abs(a - b).max() > 1e-6
+    video_in, cells_in = seen  # video head first, then patch head
+    d = cfg.width
+    assert video_in.shape == (2, 2 * d) and cells_in.shape == (2, *GRID, 2 * d)
+    cells = cfg.token_cell_map(frames.shape[1:4])
+    counts = cells.membership(normalize=False).sum(axis=0).reshape(GRID)
+    np.testing.assert_array_equal(video_in[:, d:], cells_in[..., d:].reshape(2, -1, d).max(axis=1))
+    weighted = (cells_in[..., :d] * counts[None, ..., None]).reshape(2, -1, d).sum(axis=1) / counts.sum()
+    np.testing.assert_allclose(video_in[:, :d], weighted, rtol=1e-5, atol=1e-6)
+    assert np.all(video_in[:, d:] >= video_in[:, :d])  # a max is never below its mean
     with pytest.raises(ValueError, match="head_pool='sum'"):
         RewardModelConfig.tiny(head_pool="sum")
 
