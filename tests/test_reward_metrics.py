@@ -171,16 +171,17 @@ def test_losses_match_their_definitions():
         losses.LossWeights(regression=0.0, bradley_terry=0.0)
 
 
-def test_censored_errors_ask_bound_labels_for_a_margin_beyond_the_bound():
-    raw = jnp.asarray([6.0, 5.1, 4.9, 0.5, 1.2, 3.5, 6.0])
-    target = jnp.asarray([5.0, 5.0, 5.0, 1.0, 1.0, 3.0, 3.0])
+def test_censored_errors_ask_bound_labels_for_a_band_beyond_the_bound():
+    raw = jnp.asarray([6.0, 5.1, 4.9, 7.0, 0.5, 1.2, -3.0, 3.5, 6.0])
+    target = jnp.asarray([5.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0, 3.0, 3.0])
     pred = jnp.clip(raw, 1.0, 5.0)
     err = losses.score_error(pred, target, raw, margin=0.2)
-    np.testing.assert_allclose(err, [0.0, -0.1, -0.3, 0.0, 0.4, 0.5, 2.0], atol=1e-6)  # inside: the clipped error
+    # a label 5 is met by raw scores in [5.2, 6.2], a label 1 by [-0.2, 0.8]; inside the range: the clipped error
+    np.testing.assert_allclose(err, [0.0, -0.1, -0.3, 0.8, 0.0, 0.4, -2.8, 0.5, 2.0], atol=1e-6)
     np.testing.assert_array_equal(losses.score_error(pred, target), pred - target)  # no raw scores: plain error
-    # margin 0: the squared error of the clipped score (a bound label is met by any raw score beyond it)
+    # margin 0, raw scores below the band's far side: the squared error of the clipped score
     rng = np.random.default_rng(0)
-    raw = jnp.asarray(rng.uniform(1.0, 9.0, (50,)))
+    raw = jnp.asarray(rng.uniform(1.0, 6.0, (50,)))
     fives, clipped = jnp.full((50,), 5.0), jnp.clip(raw, 1.0, 5.0)
     np.testing.assert_allclose(losses.score_error(clipped, fives, raw), clipped - fives, atol=1e-6)
     # reward_losses uses the raw scores when the model returns them
@@ -192,5 +193,5 @@ def test_censored_errors_ask_bound_labels_for_a_margin_beyond_the_bound():
     out = {"video": jnp.clip(jnp.asarray(r), 1, 5), "patch": jnp.zeros((n, a, 1, 1, 1)), "video_raw": jnp.asarray(r)}
     weights = losses.LossWeights(bradley_terry=0.0, bound_margin=0.3)
     _, m = losses.reward_losses(out, batch, weights, phase=1)
-    expected = np.where(y == 5.0, np.minimum(r - 5.3, 0.0), np.clip(r, 1, 5) - y)
+    expected = np.where(y == 5.0, r - np.clip(r, 5.3, 6.3), np.clip(r, 1, 5) - y)
     assert float(m["video_mse"]) == pytest.approx(np.mean(expected ** 2), rel=1e-5)

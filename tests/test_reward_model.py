@@ -287,6 +287,37 @@ def test_mean_max_heads_read_the_mean_and_the_max_of_their_tokens(monkeypatch):
         RewardModelConfig.tiny(head_pool="sum")
 
 
+def test_frame_difference_tokens_embed_the_change_around_each_frame():
+    """frame_differences: token n of sampled frame t gets PatchEmbed_d(x[t+1] - x[t-1]) (one-sided at the ends),
+    checked against a loop over frames and token squares; the embedding starts at zero (a loaded model is
+    unchanged) and its tokens reach the scores; a still clip gets nothing from it whatever its weights."""
+    cfg = RewardModelConfig.tiny(num_frames=4, grid=GRID, frame_differences=True)
+    built = nnx.jit(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))().difference_embedding  # one compile
+    assert not np.any(built.kernel[...]) and not np.any(built.bias[...])
+    model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
+    emb = model.difference_embedding
+    emb.bias[...] = jnp.zeros_like(emb.bias[...])
+    rng = np.random.default_rng(4)
+    moving = jnp.asarray(rng.integers(0, 256, (2, 6, 32, 32, 3)), jnp.uint8)
+    x = np.asarray(model.sample_frames(moving))  # (B, T, S, S, C)
+    got = np.asarray(model.difference_tokens(jnp.asarray(x)))
+    p, t, g = cfg.vision.patch_size, cfg.num_frames, cfg.vision.grid
+    kernel = np.asarray(emb.kernel[...])
+    for f in range(t):
+        d = x[:, min(f + 1, t - 1)] - x[:, max(f - 1, 0)]
+        for i in range(g):
+            for j in range(g):
+                square = d[:, i * p:(i + 1) * p, j * p:(j + 1) * p]
+                np.testing.assert_allclose(got[:, f, i * g + j], np.einsum("bxyc,xycd->bd", square, kernel),
+                                           rtol=1e-4, atol=1e-4)
+    still = model.sample_frames(jnp.repeat(moving[:, :1], 6, axis=1))
+    assert not np.any(model.difference_tokens(still))
+    ids = jnp.asarray(rng.integers(0, cfg.text.vocab_size, (2, 8)))
+    with_differences = model(moving, ids)["video"]
+    emb.kernel[...] = jnp.zeros_like(emb.kernel[...])
+    assert not np.allclose(with_differences, model(moving, ids)["video"], atol=1e-3)
+
+
 def test_clipped_scores_stay_in_range_with_the_identity_gradient():
     """clip_scores: the value is clip(s, 1, 5), the gradient the identity's (straight-through), so a score
     beyond a bound still learns a label inside the range."""

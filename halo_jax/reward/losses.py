@@ -19,13 +19,14 @@ video against every prompt of the batch, with z_ij = +1 when videos i and j shar
 
 With a reward model that clips its scores (`clip_scores`: outputs s = clip(r, 1, 5), raw head
 outputs r), the squared errors (s - y)^2 of L_reg and L_p become censored ones: a label at a bound is
-met by any raw score at least `bound_margin` beyond it,
+met by any raw score in a band from `bound_margin` m to m + BOUND_BAND (one score unit) beyond it,
 
-    e = -relu(5 + m - r)  where y = 5,     e = relu(r - (1 - m))  where y = 1,     e = s - y  elsewhere,
+    e = r - clip(r, 5 + m, 6 + m)  where y = 5,   e = r - clip(r, -m, 1 - m)  where y = 1,   e = s - y  elsewhere,
 
 so clean cells and videos (exactly 5) are pushed past 5 by the margin m and their clipped scores tie
-there, as the labels do (m = 0 is the squared error of the clipped score for any r on the label's
-side of the other bound).
+there, as the labels do. The band's far side keeps raw scores finite: with a half-line (no far side,
+until 2026-12-04) nothing held the raw scores of cells labelled 1, they drifted to -1000, and clean
+cells whose features followed them gave loss spikes of 100 times the mean (docs/architecture.md).
 
 `sg` is stop_gradient: the consistency term pulls the patch scale onto the video scale
 learnt in phase 1 and never drags the video head towards the patches (phase 2 must not
@@ -44,6 +45,8 @@ import jax.numpy as jnp
 
 from halo_jax.config import check_fields
 from halo_jax.teachers.base import SCORE_MAX, SCORE_MIN
+
+BOUND_BAND = 1.0  # width of the band of raw scores that meets a label at a bound (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +83,12 @@ def _wmean(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def score_error(pred: jax.Array, target: jax.Array, raw: jax.Array | None = None, margin: float = 0.0) -> jax.Array:
     """pred - target, or with the raw (unclipped) scores of a clipping model the censored error
-    (module docstring): at a bound label, how far `raw` falls short of `margin` beyond it."""
+    (module docstring): at a bound label, the signed distance of `raw` from the band `margin` to
+    `margin + BOUND_BAND` beyond the bound."""
     if raw is None:
         return pred - target
-    above = -jax.nn.relu(SCORE_MAX + margin - raw)
-    below = jax.nn.relu(raw - (SCORE_MIN - margin))
+    above = raw - jnp.clip(raw, SCORE_MAX + margin, SCORE_MAX + margin + BOUND_BAND)
+    below = raw - jnp.clip(raw, SCORE_MIN - margin - BOUND_BAND, SCORE_MIN - margin)
     return jnp.where(target >= SCORE_MAX, above, jnp.where(target <= SCORE_MIN, below, pred - target))
 
 

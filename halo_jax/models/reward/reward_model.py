@@ -5,6 +5,7 @@
       -> resize each to the tower's image_size (bilinear, antialiased), (x - mean) / std
       -> SigLIP vision tower per frame: last hidden state, (B, T, Ht, Wt, Dv) patch tokens
       -> proj_in to width D + learned frame-index embedding + learned spatial embedding
+         (+ with frame_differences: PatchEmbed_d(x[t+1] - x[t-1]), see below)
       -> `num_layers` temporal blocks over all T*Ht*Wt tokens, each
              x += SelfAttn(LN x);  x += CrossAttn(LN x, text);  x += MLP(LN x)
          where text = text_proj(SigLIP text tower last hidden state) (B, S, D)
@@ -34,6 +35,14 @@ video with its own prompt: the video head gets sigmoid(L(v, t)) appended to the 
 patch head gets sigmoid(L(v_c, t)) appended to cell c's token mean, where v_c is the mean of
 proj_in(vision tokens) over the cell (a direct text-alignment signal once phase 0 has aligned
 the towers).
+
+Frame differences (`frame_differences`): the towers see one frame at a time, so motion is left to the
+temporal blocks, which must find the object in every frame and compare positions. With this option
+every token also gets PatchEmbed_d(x[t+1] - x[t-1]) of the sampled, normalised frames x (one-sided
+x[1] - x[0] and x[T-1] - x[T-2] at the ends, 0 for one frame), a new patch embedding to width D
+with the tower's patch size, initialised to zero (a loaded model starts unchanged): a moving
+object's difference shows its leading and trailing edges, so its direction is local to a token
+(RGB-difference inputs of two-stream video networks).
 
 Text conditioning is cross-attention to the text tokens in every temporal block (not FiLM):
 every video token can attend to the words that concern it, which is what a per-patch
@@ -73,6 +82,7 @@ from halo_jax.convert.safetensors_io import CheckpointError, read_config
 from halo_jax.models.reward.siglip import (
     MLP,
     Attention,
+    PatchEmbed,
     SiglipConfig,
     SiglipTextConfig,
     SiglipTextTower,
@@ -131,6 +141,7 @@ class RewardModelConfig:
     match_features: bool = False  # the heads also read the video's (cell's) matching probability with its prompt
     head_pool: str = "mean"  # mean | mean_max: what the heads read of their tokens (module docstring)
     clip_scores: bool = False  # scores clipped to [1, 5] with a straight-through gradient (module docstring)
+    frame_differences: bool = False  # tokens also embed x[t+1] - x[t-1] (module docstring)
 
     def __post_init__(self):
         object.__setattr__(self, "grid", as_grid(self.grid))
@@ -285,6 +296,9 @@ class RewardModel(nnx.Module):
         emb = param_init(nnx.initializers.normal(0.02), None, "embed")
         self.frame_embedding = nnx.Param(emb(rngs.params(), (cfg.num_frames, d), param_dtype))
         self.spatial_embedding = nnx.Param(emb(rngs.params(), (cfg.vision.num_patches, d), param_dtype))
+        if cfg.frame_differences:
+            self.difference_embedding = PatchEmbed(cfg.vision.patch_size, cfg.vision.num_channels, d,
+                                                   kernel_init=nnx.initializers.zeros, **kw)
         self.temporal = stacked(cfg.num_layers, lambda r: TemporalBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
@@ -318,19 +332,36 @@ class RewardModel(nnx.Module):
             tokens = jax.lax.stop_gradient(tokens)
         return self.text_proj(tokens)
 
-    def encode_frames(self, frames: jax.Array) -> jax.Array:
-        """Clip (B, F, H, W, C) -> vision patch tokens (B, T, Ht*Wt, Dv) of the sampled frames."""
+    def sample_frames(self, frames: jax.Array) -> jax.Array:
+        """Clip (B, F, H, W, C) -> the sampled frames, resized and normalised: (B, T, S, S, C)."""
         cfg = self.config
         if frames.ndim != 5 or frames.shape[-1] != cfg.vision.num_channels:
             raise ValueError(f"frames must be (B, F, H, W, {cfg.vision.num_channels}), got {frames.shape}")
         b, f = frames.shape[:2]
         x = frames[:, cfg.frame_indices(f)]
         x = self.preprocess(x.reshape(b * cfg.num_frames, *x.shape[2:]))
+        return x.reshape(b, cfg.num_frames, *x.shape[1:])
+
+    def encode_frames(self, frames: jax.Array) -> jax.Array:
+        """Clip (B, F, H, W, C) -> vision patch tokens (B, T, Ht*Wt, Dv) of the sampled frames."""
+        return self.encode_pixels(self.sample_frames(frames))
+
+    def encode_pixels(self, x: jax.Array) -> jax.Array:
+        """Sampled frames (B, T, S, S, C) -> vision patch tokens (B, T, Ht*Wt, Dv)."""
+        cfg = self.config
         kind, frozen = parse_tuning(cfg.vision_tuning, cfg.vision.num_hidden_layers, "vision_tuning")
-        tokens = self.vision(x, frozen_layers=frozen, remat=cfg.remat, pool=False).last_hidden_state
+        tokens = self.vision(x.reshape(-1, *x.shape[2:]), frozen_layers=frozen, remat=cfg.remat,
+                             pool=False).last_hidden_state
         if kind == "frozen":
             tokens = jax.lax.stop_gradient(tokens)
-        return tokens.reshape(b, cfg.num_frames, *tokens.shape[1:])
+        return tokens.reshape(*x.shape[:2], *tokens.shape[1:])
+
+    def difference_tokens(self, x: jax.Array) -> jax.Array:
+        """Sampled frames (B, T, S, S, C) -> PatchEmbed_d(x[t+1] - x[t-1]) (B, T, Ht*Wt, D), one-sided at the ends."""
+        padded = jnp.concatenate([x[:, :1], x, x[:, -1:]], axis=1)
+        diff = padded[:, 2:] - padded[:, :-2]
+        tokens = self.difference_embedding(diff.reshape(-1, *x.shape[2:]))
+        return tokens.reshape(*x.shape[:2], *tokens.shape[1:])
 
     def match_logits(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
         """Video-text logits (B videos, B' prompts), float32 (module docstring)."""
@@ -370,8 +401,11 @@ class RewardModel(nnx.Module):
         cells = cfg.token_cell_map(frames.shape[1:4])
         b = frames.shape[0]
         g = cfg.vision.grid
-        v = self.proj_in(self.encode_frames(frames))  # (B, T, N, D)
+        pixels = self.sample_frames(frames)
+        v = self.proj_in(self.encode_pixels(pixels))  # (B, T, N, D)
         x = v + self.frame_embedding[...].astype(v.dtype)[None, :, None] + self.spatial_embedding[...].astype(v.dtype)[None, None]
+        if cfg.frame_differences:
+            x = x + self.difference_tokens(pixels).astype(x.dtype)
         x = x.reshape(b, -1, cfg.width)
         text = self.encode_text(input_ids)
         mask = None if text_mask is None else jnp.asarray(text_mask) != 0

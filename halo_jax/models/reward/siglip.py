@@ -325,9 +325,10 @@ class PatchEmbed(nnx.Module):
     """Conv2d(kernel = stride = p, 'valid') as reshape + matmul: (B, H, W, C) -> (B, (H/p)(W/p), D)."""
 
     def __init__(self, patch: int, channels: int, dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None,
-                 param_dtype: Dtype = jnp.float32):
+                 param_dtype: Dtype = jnp.float32,
+                 kernel_init: Callable = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)):
         self.patch, self.dtype = patch, dtype
-        init = param_init(nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3), None, None, None, "embed")
+        init = param_init(kernel_init, None, None, None, "embed")
         self.kernel = nnx.Param(init(rngs.params(), (patch, patch, channels, dim), param_dtype))
         self.bias = nnx.Param(param_init(nnx.initializers.zeros, "embed")(rngs.params(), (dim,), param_dtype))
 
