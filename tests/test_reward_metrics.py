@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -156,8 +157,7 @@ def test_losses_match_their_definitions():
     cons = np.sum(w * np.mean((pred - patch.mean(axis=(2, 3, 4))) ** 2, -1)) / w.sum()
     assert float(losses.consistency_loss(jnp.asarray(pred), jnp.asarray(patch), jnp.asarray(w))) == pytest.approx(
         cons, rel=1e-5)
-    import jax  # the consistency term never moves the video scores
-
+    # the consistency term never moves the video scores
     g = jax.grad(lambda v: losses.consistency_loss(v, jnp.asarray(patch), jnp.asarray(w)))(jnp.asarray(pred))
     assert np.all(np.asarray(g) == 0)
 
@@ -195,3 +195,27 @@ def test_censored_errors_ask_bound_labels_for_a_band_beyond_the_bound():
     _, m = losses.reward_losses(out, batch, weights, phase=1)
     expected = np.where(y == 5.0, r - np.clip(r, 5.3, 6.3), np.clip(r, 1, 5) - y)
     assert float(m["video_mse"]) == pytest.approx(np.mean(expected ** 2), rel=1e-5)
+
+
+def test_consistency_does_not_push_cells_beyond_a_bound():
+    """A clipping model's consistency term reads the clipped cell scores with the clip's own gradient: a cell
+    at 1 cannot lower its video's aggregate, so it gets no gradient (through the straight-through clip it
+    would, without end)."""
+    from halo_jax.models.reward.reward_model import clip_to_label_range
+
+    raw = jnp.asarray([[[[[-3.0]], [[0.5]], [[2.0]], [[4.0]], [[5.5]], [[9.0]]]]])  # (1, 1, 6, 1, 1)
+    video = jnp.asarray([[2.0]])
+    batch = {"video_scores": video, "patch_scores": jnp.full(raw.shape, 3.0), "has_patch": jnp.ones(1),
+             "valid": jnp.ones(1), "group": jnp.zeros(1, jnp.int32)}
+    weights = losses.LossWeights(patch=0.0, consistency=1.0)
+
+    def total(r):
+        out = {"video": video, "video_raw": video, "patch": clip_to_label_range(r), "patch_raw": r}
+        return losses.reward_losses(out, batch, weights, phase=2)[0]
+
+    grad = np.asarray(jax.grad(total)(raw)).ravel()
+    np.testing.assert_array_equal(grad[[0, 1, 4, 5]], 0.0)
+    assert np.all(grad[2:4] > 0)  # the cells inside the range are pulled down towards the video score
+    lc = losses.reward_losses({"video": video, "video_raw": video, "patch": clip_to_label_range(raw), "patch_raw": raw},
+                              batch, weights, phase=2)[1]["consistency"]
+    assert float(lc) == pytest.approx((np.mean([1, 1, 2, 4, 5, 5]) - 2.0) ** 2)

@@ -27,6 +27,10 @@ so clean cells and videos (exactly 5) are pushed past 5 by the margin m and thei
 there, as the labels do. The band's far side keeps raw scores finite: with a half-line (no far side,
 until 2026-12-04) nothing held the raw scores of cells labelled 1, they drifted to -1000, and clean
 cells whose features followed them gave loss spikes of 100 times the mean (docs/architecture.md).
+The consistency term of a clipping model reads the clipped cell scores with the clip's own gradient
+(zero beyond a bound): through the identity gradient it kept pulling cells already at 1 further down
+whenever their video's score was below the mean of its cells, which no other term opposed once a cell's
+label was near 1, and the raw scores of defective cells drifted to -1000.
 
 `sg` is stop_gradient: the consistency term pulls the patch scale onto the video scale
 learnt in phase 1 and never drags the video head towards the patches (phase 2 must not
@@ -166,6 +170,8 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
         patch = out["patch"].astype(jnp.float32)
         wp = w * batch["has_patch"].astype(jnp.float32)
         lp = patch_loss(patch, batch["patch_scores"].astype(jnp.float32), wp, out.get("patch_raw"), margin)
+        if "patch_raw" in out:  # a cell at a bound cannot move its aggregate further: no gradient there
+            patch = jnp.clip(out["patch_raw"].astype(jnp.float32), SCORE_MIN, SCORE_MAX)
         lc = consistency_loss(video, patch, w)
         total = total + weights.patch * lp + weights.consistency * lc
         metrics["patch_mse"], metrics["consistency"] = lp, lc
