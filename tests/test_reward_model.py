@@ -285,13 +285,16 @@ def test_mean_max_heads_read_the_mean_and_the_max_of_their_tokens(monkeypatch):
     assert np.all(video_in[:, d:] >= video_in[:, :d])  # a max is never below its mean
     with pytest.raises(ValueError, match="head_pool='sum'"):
         RewardModelConfig.tiny(head_pool="sum")
+    with pytest.raises(ValueError, match="match_pool='mean_max'"):
+        RewardModelConfig.tiny(match_pool="mean_max")
 
 
 def test_frame_difference_tokens_embed_the_change_around_each_frame():
     """frame_differences: token n of sampled frame t gets PatchEmbed_d(x[t+1] - x[t-1]) (one-sided at the ends),
     checked against a loop over frames and token squares; the embedding starts at zero (a loaded model is
-    unchanged) and its tokens reach the scores; a still clip gets nothing from it whatever its weights."""
-    cfg = RewardModelConfig.tiny(num_frames=4, grid=GRID, frame_differences=True)
+    unchanged) and its tokens reach the scores and the matching embedding; a still clip gets nothing from it
+    whatever its weights."""
+    cfg = RewardModelConfig.tiny(num_frames=4, grid=GRID, frame_differences=True, match_pool="max")
     built = nnx.jit(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))().difference_embedding  # one compile
     assert not np.any(built.kernel[...]) and not np.any(built.bias[...])
     model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
@@ -310,6 +313,12 @@ def test_frame_difference_tokens_embed_the_change_around_each_frame():
                 square = d[:, i * p:(i + 1) * p, j * p:(j + 1) * p]
                 np.testing.assert_allclose(got[:, f, i * g + j], np.einsum("bxyc,xycd->bd", square, kernel),
                                            rtol=1e-4, atol=1e-4)
+    # the tokens the temporal blocks and the matching embedding read (here its max, match_pool="max")
+    v = np.asarray(model.proj_in(model.encode_pixels(jnp.asarray(x)))) + got
+    np.testing.assert_allclose(model.video_tokens(jnp.asarray(x)), v, rtol=1e-5, atol=1e-5)
+    pooled = v.max(axis=(1, 2))
+    np.testing.assert_allclose(model.match_video(moving), pooled / np.linalg.norm(pooled, axis=-1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
     still = model.sample_frames(jnp.repeat(moving[:, :1], 6, axis=1))
     assert not np.any(model.difference_tokens(still))
     ids = jnp.asarray(rng.integers(0, cfg.text.vocab_size, (2, 8)))

@@ -4,8 +4,8 @@
       -> sample `num_frames` frames: indices round(linspace(0, F-1, num_frames))
       -> resize each to the tower's image_size (bilinear, antialiased), (x - mean) / std
       -> SigLIP vision tower per frame: last hidden state, (B, T, Ht, Wt, Dv) patch tokens
-      -> proj_in to width D + learned frame-index embedding + learned spatial embedding
-         (+ with frame_differences: PatchEmbed_d(x[t+1] - x[t-1]), see below)
+      -> v = proj_in to width D (+ with frame_differences: PatchEmbed_d(x[t+1] - x[t-1]), see below)
+      -> v + learned frame-index embedding + learned spatial embedding
       -> `num_layers` temporal blocks over all T*Ht*Wt tokens, each
              x += SelfAttn(LN x);  x += CrossAttn(LN x, text);  x += MLP(LN x)
          where text = text_proj(SigLIP text tower last hidden state) (B, S, D)
@@ -27,10 +27,10 @@ of its clipped error.
 
 Video-text matching (phase 0 of `train_reward`, the towers' own SigLIP-style pretraining where
 no pretrained SigLIP can be loaded): `match_logits` L_ij = exp(logit_scale) cos(v_i, t_j) +
-logit_bias, with v_i = mean over the sampled frames and patches of proj_in(vision tokens) and
-t_j = the mean of text_proj(text tokens) over the unmasked tokens (logit_scale, logit_bias
-start at log 10 and -10, as SigLIP's). The frame mean sees colours, shapes and background, not
-motion. With `match_features` the heads also read the matching probability sigmoid(L) of the
+logit_bias, with v_i = the mean (`match_pool="max"`: the elementwise max) over the sampled frames
+and patches of the tokens v above and t_j = the mean of text_proj(text tokens) over the unmasked
+tokens (logit_scale, logit_bias start at log 10 and -10, as SigLIP's). Without frame differences
+v_i sees colours, shapes and background, not motion. With `match_features` the heads also read the matching probability sigmoid(L) of the
 video with its own prompt: the video head gets sigmoid(L(v, t)) appended to the mean token, the
 patch head gets sigmoid(L(v_c, t)) appended to cell c's token mean, where v_c is the mean of
 proj_in(vision tokens) over the cell (a direct text-alignment signal once phase 0 has aligned
@@ -99,6 +99,7 @@ from halo_jax.teachers.base import SCORE_MAX, SCORE_MIN
 Dtype = Any
 DEFAULT_ASPECTS = ("visual_quality", "temporal_consistency", "text_alignment")
 HEAD_POOLS = ("mean", "mean_max")
+MATCH_POOLS = ("mean", "max")
 
 
 def parse_tuning(mode: str, depth: int, what: str) -> tuple[str, int]:
@@ -142,6 +143,7 @@ class RewardModelConfig:
     head_pool: str = "mean"  # mean | mean_max: what the heads read of their tokens (module docstring)
     clip_scores: bool = False  # scores clipped to [1, 5] with a straight-through gradient (module docstring)
     frame_differences: bool = False  # tokens also embed x[t+1] - x[t-1] (module docstring)
+    match_pool: str = "mean"  # mean | max over the tokens: the video's matching embedding (module docstring)
 
     def __post_init__(self):
         object.__setattr__(self, "grid", as_grid(self.grid))
@@ -161,6 +163,8 @@ class RewardModelConfig:
                              f"{self.vision.grid}x{self.vision.grid} tokens per frame; coarsen the grid or sample more frames")
         if self.head_pool not in HEAD_POOLS:
             raise ValueError(f"head_pool={self.head_pool!r}: use one of {HEAD_POOLS}")
+        if self.match_pool not in MATCH_POOLS:
+            raise ValueError(f"match_pool={self.match_pool!r}: use one of {MATCH_POOLS}")
         parse_tuning(self.vision_tuning, self.vision.num_hidden_layers, "vision_tuning")
         parse_tuning(self.text_tuning, self.text.num_hidden_layers, "text_tuning")
 
@@ -356,6 +360,13 @@ class RewardModel(nnx.Module):
             tokens = jax.lax.stop_gradient(tokens)
         return tokens.reshape(*x.shape[:2], *tokens.shape[1:])
 
+    def video_tokens(self, x: jax.Array) -> jax.Array:
+        """Sampled frames (B, T, S, S, C) -> v = proj_in(vision tokens) (+ difference tokens): (B, T, Ht*Wt, D)."""
+        v = self.proj_in(self.encode_pixels(x))
+        if self.config.frame_differences:
+            v = v + self.difference_tokens(x).astype(v.dtype)
+        return v
+
     def difference_tokens(self, x: jax.Array) -> jax.Array:
         """Sampled frames (B, T, S, S, C) -> PatchEmbed_d(x[t+1] - x[t-1]) (B, T, Ht*Wt, D), one-sided at the ends."""
         padded = jnp.concatenate([x[:, :1], x, x[:, -1:]], axis=1)
@@ -369,7 +380,8 @@ class RewardModel(nnx.Module):
 
     def match_video(self, frames: jax.Array) -> jax.Array:
         """Unit matching embedding v_i / |v_i| of each clip (B, F, H, W, C): (B, D), float32."""
-        return _unit(self.proj_in(self.encode_frames(frames)).mean(axis=(1, 2)))
+        v = self.video_tokens(self.sample_frames(frames))
+        return _unit(v.max(axis=(1, 2)) if self.config.match_pool == "max" else v.mean(axis=(1, 2)))
 
     def match_text(self, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
         """Unit matching embedding t_j of each prompt (B', S): (B', D), float32."""
@@ -381,11 +393,11 @@ class RewardModel(nnx.Module):
     def _match_features(self, v: jax.Array, text: jax.Array, text_mask: jax.Array | None, cells: CellMap
                         ) -> tuple[jax.Array, jax.Array]:
         """sigmoid(L) of each video (B, 1) and each cell (B, Tp, Hp, Wp, 1) with its own prompt, from
-        proj_in tokens `v` (B, T, Ht*Wt, D) and text tokens (B, S, D)."""
-        g = self.config.vision.grid
+        tokens `v` (B, T, Ht*Wt, D) pooled as `match_pool` says and text tokens (B, S, D)."""
+        g, pool = self.config.vision.grid, self.config.match_pool
         t = _text_embedding(text, text_mask)[:, None]  # (B, 1, D)
-        video = jnp.sum(_unit(v.mean(axis=(1, 2)))[:, None] * t, axis=-1)  # (B, 1)
-        cell = pool_tokens(v.astype(jnp.float32).reshape(*v.shape[:2], g, g, v.shape[-1]), cells)  # (B, Tp, Hp, Wp, D)
+        video = jnp.sum(_unit(v.max(axis=(1, 2)) if pool == "max" else v.mean(axis=(1, 2)))[:, None] * t, axis=-1)
+        cell = pool_tokens(v.astype(jnp.float32).reshape(*v.shape[:2], g, g, v.shape[-1]), cells, pool)  # (B, Tp, Hp, Wp, D)
         cell = jnp.sum(_unit(cell) * t[:, :, None, None], axis=-1)[..., None]
         return jax.nn.sigmoid(self._scaled(video)), jax.nn.sigmoid(self._scaled(cell))
 
@@ -401,11 +413,8 @@ class RewardModel(nnx.Module):
         cells = cfg.token_cell_map(frames.shape[1:4])
         b = frames.shape[0]
         g = cfg.vision.grid
-        pixels = self.sample_frames(frames)
-        v = self.proj_in(self.encode_pixels(pixels))  # (B, T, N, D)
+        v = self.video_tokens(self.sample_frames(frames))  # (B, T, N, D)
         x = v + self.frame_embedding[...].astype(v.dtype)[None, :, None] + self.spatial_embedding[...].astype(v.dtype)[None, None]
-        if cfg.frame_differences:
-            x = x + self.difference_tokens(pixels).astype(x.dtype)
         x = x.reshape(b, -1, cfg.width)
         text = self.encode_text(input_ids)
         mask = None if text_mask is None else jnp.asarray(text_mask) != 0
