@@ -30,11 +30,11 @@ no pretrained SigLIP can be loaded): `match_logits` L_ij = exp(logit_scale) cos(
 logit_bias, with v_i = the mean (`match_pool="max"`: the elementwise max) over the sampled frames
 and patches of the tokens v above and t_j = the mean of text_proj(text tokens) over the unmasked
 tokens (logit_scale, logit_bias start at log 10 and -10, as SigLIP's). Without frame differences
-v_i sees colours, shapes and background, not motion. With `match_features` the heads also read the matching probability sigmoid(L) of the
-video with its own prompt: the video head gets sigmoid(L(v, t)) appended to the mean token, the
-patch head gets sigmoid(L(v_c, t)) appended to cell c's token mean, where v_c is the mean of
-proj_in(vision tokens) over the cell (a direct text-alignment signal once phase 0 has aligned
-the towers).
+v_i sees colours, shapes and background, not motion. With `match_features` the heads also read
+the matching probability sigmoid(L) of the video with its own prompt: the video head gets
+sigmoid(L(v, t)) appended to the mean token, the patch head gets sigmoid(L(v_c, t)) appended to
+cell c's token mean, where v_c pools the tokens v over the cell as v_i pools the clip's (a direct
+text-alignment signal once phase 0 has aligned the towers).
 
 Frame differences (`frame_differences`): the towers see one frame at a time, so motion is left to the
 temporal blocks, which must find the object in every frame and compare positions. With this option
@@ -397,7 +397,8 @@ class RewardModel(nnx.Module):
         g, pool = self.config.vision.grid, self.config.match_pool
         t = _text_embedding(text, text_mask)[:, None]  # (B, 1, D)
         video = jnp.sum(_unit(v.max(axis=(1, 2)) if pool == "max" else v.mean(axis=(1, 2)))[:, None] * t, axis=-1)
-        cell = pool_tokens(v.astype(jnp.float32).reshape(*v.shape[:2], g, g, v.shape[-1]), cells, pool)  # (B, Tp, Hp, Wp, D)
+        grid_v = v.astype(jnp.float32).reshape(*v.shape[:2], g, g, v.shape[-1])
+        cell = pool_tokens(grid_v, cells, pool)  # (B, Tp, Hp, Wp, D)
         cell = jnp.sum(_unit(cell) * t[:, :, None, None], axis=-1)[..., None]
         return jax.nn.sigmoid(self._scaled(video)), jax.nn.sigmoid(self._scaled(cell))
 
