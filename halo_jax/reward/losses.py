@@ -25,8 +25,8 @@ met by any raw score in a band from `bound_margin` m to m + BOUND_BAND (one scor
 
 so clean cells and videos (exactly 5) are pushed past 5 by the margin m and their clipped scores tie
 there, as the labels do. The band's far side keeps raw scores finite: with a half-line (no far side,
-until 2026-12-04) nothing held the raw scores of cells labelled 1, they drifted to -1000, and clean
-cells whose features followed them gave loss spikes of 100 times the mean (docs/architecture.md).
+until 2026-12-04) nothing held the raw scores of cells labelled 1, they drifted to -500, and clean
+cells whose features followed them gave loss spikes (docs/architecture.md, "Keeping raw scores finite").
 The consistency term of a clipping model reads the clipped cell scores with the clip's own gradient
 (zero beyond a bound): through the identity gradient it kept pulling cells already at 1 further down
 whenever their video's score was below the mean of its cells, which no other term opposed once a cell's
