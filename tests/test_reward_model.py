@@ -228,7 +228,7 @@ def test_every_param_has_logical_axes():
 
 def test_match_features_are_the_matching_probabilities_of_video_and_cells():
     """With `match_features` the heads read sigmoid(L) of the video and of each cell with its own prompt
-    (L as `match_logits`, the cell's proj_in tokens averaged by brute-force cell membership)."""
+    (L as `match_logits`, the cell's tokens averaged by brute-force cell membership)."""
     cfg = RewardModelConfig.tiny(num_frames=5, grid=GRID, match_features=True)
     model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(2)
@@ -236,7 +236,7 @@ def test_match_features_are_the_matching_probabilities_of_video_and_cells():
     ids = jnp.asarray(rng.randint(0, cfg.text.vocab_size, (2, 8)))
     mask = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])
     cells = cfg.token_cell_map(frames.shape[1:4])
-    v = model.proj_in(model.encode_frames(frames))
+    v = model.video_tokens(model.sample_frames(frames))
     video, cell = model._match_features(v, model.encode_text(ids), mask, cells)
     sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     np.testing.assert_allclose(np.asarray(video[:, 0]), sig(np.diag(np.asarray(model.match_logits(frames, ids, mask)))),

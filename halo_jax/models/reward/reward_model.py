@@ -235,6 +235,11 @@ def _text_embedding(text: jax.Array, text_mask: jax.Array | None) -> jax.Array:
     return _unit(jnp.sum(text.astype(jnp.float32) * w[..., None], axis=1) / jnp.maximum(jnp.sum(w, axis=1)[:, None], 1.0))
 
 
+def _pool_clip(v: jax.Array, reduce: str) -> jax.Array:
+    """Mean (or max) of tokens (B, T, N, D) over the clip's frames and tokens: (B, D)."""
+    return v.max(axis=(1, 2)) if reduce == "max" else v.mean(axis=(1, 2))
+
+
 def pool_tokens(tokens: jax.Array, cells: CellMap, reduce: str = "mean") -> jax.Array:
     """Per-cell token mean (or max): (B, T, Ht, Wt, D) -> (B, Tp, Hp, Wp, D) (float32 accumulation)."""
     if tokens.ndim != 5 or tuple(tokens.shape[1:4]) != cells.shape:
@@ -346,10 +351,6 @@ class RewardModel(nnx.Module):
         x = self.preprocess(x.reshape(b * cfg.num_frames, *x.shape[2:]))
         return x.reshape(b, cfg.num_frames, *x.shape[1:])
 
-    def encode_frames(self, frames: jax.Array) -> jax.Array:
-        """Clip (B, F, H, W, C) -> vision patch tokens (B, T, Ht*Wt, Dv) of the sampled frames."""
-        return self.encode_pixels(self.sample_frames(frames))
-
     def encode_pixels(self, x: jax.Array) -> jax.Array:
         """Sampled frames (B, T, S, S, C) -> vision patch tokens (B, T, Ht*Wt, Dv)."""
         cfg = self.config
@@ -380,8 +381,7 @@ class RewardModel(nnx.Module):
 
     def match_video(self, frames: jax.Array) -> jax.Array:
         """Unit matching embedding v_i / |v_i| of each clip (B, F, H, W, C): (B, D), float32."""
-        v = self.video_tokens(self.sample_frames(frames))
-        return _unit(v.max(axis=(1, 2)) if self.config.match_pool == "max" else v.mean(axis=(1, 2)))
+        return _unit(_pool_clip(self.video_tokens(self.sample_frames(frames)), self.config.match_pool))
 
     def match_text(self, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
         """Unit matching embedding t_j of each prompt (B', S): (B', D), float32."""
@@ -396,7 +396,7 @@ class RewardModel(nnx.Module):
         tokens `v` (B, T, Ht*Wt, D) pooled as `match_pool` says and text tokens (B, S, D)."""
         g, pool = self.config.vision.grid, self.config.match_pool
         t = _text_embedding(text, text_mask)[:, None]  # (B, 1, D)
-        video = jnp.sum(_unit(v.max(axis=(1, 2)) if pool == "max" else v.mean(axis=(1, 2)))[:, None] * t, axis=-1)
+        video = jnp.sum(_unit(_pool_clip(v, pool))[:, None] * t, axis=-1)  # (B, 1)
         grid_v = v.astype(jnp.float32).reshape(*v.shape[:2], g, g, v.shape[-1])
         cell = pool_tokens(grid_v, cells, pool)  # (B, Tp, Hp, Wp, D)
         cell = jnp.sum(_unit(cell) * t[:, :, None, None], axis=-1)[..., None]
