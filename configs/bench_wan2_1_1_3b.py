@@ -1,10 +1,13 @@
 """Benchmark config: the Wan2.1-T2V-1.3B architecture (random constant weights), bf16 compute with
-float32 master weights, LoRA Gran-DPO, 33x480x832 pixels (9x60x104 latents, 14040 tokens per video).
+float32 master weights, LoRA Gran-DPO, 33x480x832 pixels (9x60x104 latents, 14040 tokens per video),
+the blocks scanned with full remat (on an H200: 2-6% slower than remat=dots_with_no_batch_dims_saveable
+at 33 frames, 0.18x its memory for the DPO step, and the latter does not fit at 81 frames; BENCHMARKS.md).
 
     python -m halo_jax.bench --config=configs/bench_wan2_1_1_3b.py --out=bench_1_3b_33f.json
     python -m halo_jax.bench --config=configs/bench_wan2_1_1_3b.py --config.video.frames=81 --out=bench_1_3b_81f.json
 
 Meant for an accelerator (H100/H200/TPU); weights are made as constants under one jit on the mesh.
+launch/bench_gpu.sh runs every row of BENCHMARKS.md's GPU section.
 """
 
 from ml_collections import ConfigDict
@@ -16,7 +19,7 @@ def get_config() -> ConfigDict:
     c = bench_config(
         "wan2_1_t2v_1_3b",
         {"num_layers": 30, "dtype": "bfloat16", "param_dtype": "float32",
-         "remat": "dots_with_no_batch_dims_saveable", "scan_layers": False, "attention_impl": "auto"},
+         "remat": "full", "scan_layers": True, "attention_impl": "auto"},
         {"space": "pixel", "frames": 33, "height": 480, "width": 832},
         # one DPO pair a step; Wan pads umT5 embeddings to 512 tokens
         batch=2, text_len=512, steps=10, warmup=3, lora_rank=32, lora_alpha=32.0, grid=(3, 4, 4))

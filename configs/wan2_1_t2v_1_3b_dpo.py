@@ -20,7 +20,9 @@ fine-tuning of video DiTs, and should be tuned:
     64 pairs per step (16 per micro-batch, 4 accumulation steps), 1000 steps.
   - Pairs: every qualifying pair per prompt up to 2, video margin 0.5 and patch margin 0.5
     in score units (1-5 scale).
-  - Parameters and the batch sharded FSDP over all devices; per-block remat "full".
+  - Parameters and the batch sharded FSDP over all devices; the blocks scanned with per-block remat
+    "full" (the benchmark of this architecture on one H200: one pair at 81 frames in 22.8 GB at 44.6%
+    MFU, 2-6% slower than saving the projections, which does not fit; BENCHMARKS.md).
 """
 
 from halo_jax.config import base_config, dpo_config, generate_config, pairs_config
@@ -32,7 +34,7 @@ def get_config():
     config.stage = "pipeline"
     config.pipeline.stages = ("pairs", "train_dpo")
     config.model.path = ""  # required: --config.model.path=/path/to/Wan2.1-T2V-1.3B-Diffusers
-    config.model.options.update(dtype="bfloat16", param_dtype="bfloat16", remat="full")
+    config.model.options.update(dtype="bfloat16", param_dtype="bfloat16", remat="full", scan_layers=True)
     config.video.update(frames=81, height=480, width=832)
     config.sampler.update(num_steps=50, guidance_scale=5.0)
     config.pairs = pairs_config()

@@ -5,12 +5,14 @@
 #   OUT=bench_gpu launch/bench_gpu.sh        # from the repository root, halo_jax importable
 #
 # Order: a tiny smoke run first (stops the script if the stack does not run), then the figures that
-# matter most first (Gran-DPO and Diffusion-DPO at 33 frames, Gran-DPO at 81 frames, then SFT and
-# sampling), each in its own process under its own `timeout` (LIMIT seconds, default 240), so a slow
-# compile costs one row, not the rest; a row that would start after DEADLINE seconds (default 3600) is
-# skipped. Blocks run under `scan_layers=True` (one compiled block body: minutes less compile than 30
-# unrolled blocks); the last row times the unrolled layout of the config as it is. Everything lands in
-# $OUT: log.txt, gpu.txt, one JSON per process.
+# matter most first (the DPO steps at 33 frames, then at 81 frames with SFT, then SFT and sampling at
+# 33 frames, the remat=full rows at 33 frames, the unrolled layout), each in its own process under its own `timeout`
+# (LIMIT seconds, default 240), so a slow compile costs one row, not the rest; a row that would start
+# after DEADLINE seconds (default 3600) is skipped. Most rows scan the blocks (one compiled block body:
+# ~15 s of compile against ~90 s for 30 unrolled blocks). The 81-frame rows use remat=full: with
+# dots_with_no_batch_dims_saveable the Gran-DPO step asks for a 147 GiB buffer (H200, 2026-12-04).
+# Everything lands in $OUT: log.txt, gpu.txt, one JSON per process (at most 8 files: the device
+# tool's limit).
 set -u
 OUT=${OUT:-bench_gpu}
 PY=${PYTHON:-python3}
@@ -28,20 +30,28 @@ run() {  # run NAME SECONDS ARGS...: one benchmark process, its JSON at $OUT/NAM
     local name=$1 secs=$2
     shift 2
     if ((DEADLINE - SECONDS < secs)); then secs=$((DEADLINE - SECONDS)); fi
-    if ((secs < 45)); then echo "== $name skipped: ${secs}s left before DEADLINE" | tee -a "$LOG"; return 1; fi
+    if ((secs < 45)); then
+        echo "== $name skipped: ${secs}s is too little (LIMIT, DEADLINE)" | tee -a "$LOG"
+        return 1
+    fi
     echo "== $name ($(date -u +%H:%M:%S) UTC)" | tee -a "$LOG"
     timeout "$secs" $PY -m halo_jax.bench "$@" --out="$OUT/$name.json" 2>&1 | grep -v "^[IW][0-9]" | tee -a "$LOG"
     return "${PIPESTATUS[0]}"
 }
 
-WAN=(--config=configs/bench_wan2_1_1_3b.py --config.model.fields.scan_layers=True)
+# The layout is named on every row, so the rows do not move with the config's defaults.
+WAN=(--config=configs/bench_wan2_1_1_3b.py)
+SCAN_DOTS=(--config.model.fields.scan_layers=True --config.model.fields.remat=dots_with_no_batch_dims_saveable)
+SCAN_FULL=(--config.model.fields.scan_layers=True --config.model.fields.remat=full)
+F81=(--config.video.frames=81 --config.steps=3 --config.warmup=1)
 run tiny 120 --config=configs/bench_tiny.py --config.kinds=gran_dpo --config.steps=3 --config.warmup=1 || exit 1
-run dpo_33f "$LIMIT" "${WAN[@]}" --config.kinds=gran_dpo,diffusion_dpo --config.steps=6 --config.warmup=2
-run gran_81f "$LIMIT" "${WAN[@]}" --config.video.frames=81 --config.kinds=gran_dpo --config.steps=3 \
-    --config.warmup=1 ||
-    run gran_81f_remat_full "$LIMIT" "${WAN[@]}" --config.video.frames=81 --config.model.fields.remat=full \
-        --config.kinds=gran_dpo --config.steps=3 --config.warmup=1
-run sft_33f "$LIMIT" "${WAN[@]}" --config.kinds=sft,sample --config.steps=6 --config.warmup=2
-run gran_33f_unrolled "$LIMIT" --config=configs/bench_wan2_1_1_3b.py --config.kinds=gran_dpo --config.steps=6 \
+run dpo_33f "$LIMIT" "${WAN[@]}" "${SCAN_DOTS[@]}" --config.kinds=gran_dpo,diffusion_dpo --config.steps=6 \
+    --config.warmup=2
+run remat_full_81f "$LIMIT" "${WAN[@]}" "${SCAN_FULL[@]}" "${F81[@]}" --config.kinds=sft,diffusion_dpo,gran_dpo
+run sft_33f "$LIMIT" "${WAN[@]}" "${SCAN_DOTS[@]}" --config.kinds=sft,sample --config.steps=6 --config.warmup=2
+run remat_full_33f "$LIMIT" "${WAN[@]}" "${SCAN_FULL[@]}" --config.kinds=sft,gran_dpo --config.steps=6 \
+    --config.warmup=2
+run gran_33f_unrolled "$LIMIT" "${WAN[@]}" --config.model.fields.scan_layers=False \
+    --config.model.fields.remat=dots_with_no_batch_dims_saveable --config.kinds=gran_dpo --config.steps=6 \
     --config.warmup=2
 echo "== done ($(date -u +%H:%M:%S) UTC)" | tee -a "$LOG"

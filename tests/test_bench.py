@@ -55,6 +55,7 @@ def test_every_kind_has_every_field(report):
         for key in ("argument_bytes", "output_bytes", "temp_bytes"):
             assert r["memory"][key] > 0, (kind, key)
     assert report["setup"]["mesh"]["fsdp"] == 2 and report["setup"]["devices"] == 2
+    assert report["setup"]["xla_flops_count_whole_program"]
     assert report["machine"]["nproc"] >= 1 and report["machine"]["date"]
 
 
@@ -117,6 +118,22 @@ def test_peak_table():
     assert flops.peak_flops(Dev("NVIDIA A100-SXM4-40GB")) == 312e12
     assert flops.peak_flops(Dev("cpu")) is None
     assert flops.peak_flops(Dev("cpu"), 1e12) == 1e12
+
+
+def test_xla_ratio_only_where_xla_counts_the_whole_program():
+    class Compiled:  # XLA says 10 FLOPs, no memory analysis
+        def cost_analysis(self):
+            return {"flops": 10.0}
+
+        def memory_analysis(self):
+            return None
+
+    assert steps.xla_counts_whole_program(scan_layers=False, platform="cpu")
+    assert not steps.xla_counts_whole_program(scan_layers=True, platform="cpu")
+    assert not steps.xla_counts_whole_program(scan_layers=False, platform="gpu")
+    counted = steps._result([2.0, 1.0, 3.0], Compiled(), 40.0, 8, 10.0, 2, 0.5, xla_counts_all=True)
+    assert counted["xla_over_analytic"] == 0.5 and counted["time_s"] == 2.0 and counted["mfu"] == 1.0
+    assert steps._result([1.0], Compiled(), 40.0, 8, None, 2, 0.5, xla_counts_all=False)["xla_over_analytic"] is None
 
 
 def test_cli_usage_error():
