@@ -6,11 +6,11 @@
 #
 # Order: a tiny smoke run first (stops the script if the stack does not run), then the figures that
 # matter most first (the DPO steps at 33 frames, then at 81 frames with SFT, then SFT and sampling at
-# 33 frames, the remat=full rows at 33 frames, the unrolled layout), each in its own process under its own `timeout`
-# (LIMIT seconds, default 240), so a slow compile costs one row, not the rest; a row that would start
-# after DEADLINE seconds (default 3600) is skipped. Most rows scan the blocks (one compiled block body:
-# ~15 s of compile against ~90 s for 30 unrolled blocks). The 81-frame rows use remat=full: with
-# dots_with_no_batch_dims_saveable the Gran-DPO step asks for a 147 GiB buffer (H200, 2026-12-04).
+# 33 frames, the remat=full rows at 33 frames, the unrolled layout), each in its own process under its
+# own `timeout` (LIMIT seconds, default 240), so a slow compile costs one row, not the rest; a row that
+# would start after DEADLINE seconds (default 3600) is skipped. Most rows scan the blocks (one compiled
+# block body: ~15 s of compile against ~90 s for 30 unrolled blocks). The 81-frame rows use remat=full:
+# with dots_with_no_batch_dims_saveable the Gran-DPO step asks for a 147 GiB buffer (H200, 2026-12-04).
 # Everything lands in $OUT: log.txt, gpu.txt, one JSON per process (at most 8 files: the device
 # tool's limit).
 set -u
