@@ -22,7 +22,7 @@ fine-tuning of video DiTs, and should be tuned:
     in score units (1-5 scale).
   - Parameters and the batch sharded FSDP over all devices; the blocks scanned with per-block remat
     "full" (the benchmark of this architecture on one H200: one pair at 81 frames in 22.8 GB at 44.6%
-    MFU, 2-6% slower than saving the projections, which does not fit; BENCHMARKS.md).
+    MFU; at 33 frames 2-6% slower than saving the projections, which do not fit at 81; BENCHMARKS.md).
 """
 
 from halo_jax.config import base_config, dpo_config, generate_config, pairs_config

@@ -61,7 +61,7 @@ def make_sft_step(model: nnx.Module, tx: optax.GradientTransformation, mesh: jax
 
 
 def _result(times: list[float], compiled: Any, analytic: float, tokens: int, peak: float | None,
-            devices: int, compile_s: float, xla_counts_all: bool = True) -> dict:
+            devices: int, compile_s: float, xla_counts_all: bool) -> dict:
     """One kind's FIELDS. `xla_counts_all`: XLA's count covers the whole program (not so under scan_layers or on
     GPU, see `xla_counts_whole_program`); otherwise xla_over_analytic is None."""
     med = statistics.median(times)
