@@ -144,3 +144,22 @@ def test_sharded_load_places_params_by_logical_axes(reference):
 def test_wrong_image_size_is_rejected(ours):
     with pytest.raises(ValueError, match="image_size"):
         ours.vision_model(jnp.zeros((1, 32, 32, 3)))
+
+
+def test_a_text_tower_without_layers_reads_its_embeddings_as_transformers_does(tmp_path):
+    """Depth 0 (the shapes reward config's context-free words): embeddings + final norm, no empty arrays."""
+    cfg = SiglipConfig.tiny()
+    hf = cfg.to_transformers_config()
+    hf["text_config"]["num_hidden_layers"] = 0
+    torch.manual_seed(1)
+    model = transformers.SiglipModel(transformers.SiglipConfig.from_dict(hf)).eval()
+    model.save_pretrained(tmp_path)
+    ours = load_siglip(tmp_path)
+    assert ours.text_model.encoder.layers is None
+    assert all(leaf.size for leaf in jax.tree.leaves(nnx.state(ours)))  # orbax refuses zero-size arrays
+    ids = np.random.RandomState(1).randint(0, cfg.text.vocab_size, (2, 9))
+    got = ours.text_model(jnp.asarray(ids))
+    with torch.no_grad():
+        ref = model.text_model(input_ids=torch.tensor(ids))
+    assert rel_err(got.last_hidden_state, ref.last_hidden_state.numpy()) < REL_TOL
+    assert rel_err(got.pooled, ref.pooler_output.numpy()) < REL_TOL

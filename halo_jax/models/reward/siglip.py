@@ -301,15 +301,19 @@ def scan_layers(layers: nnx.Module, x: jax.Array, *args: Any, frozen: int = 0, r
 
 
 class Encoder(nnx.Module):
-    """`num_layers` stacked `EncoderLayer`s."""
+    """`num_layers` stacked `EncoderLayer`s; with 0 layers the identity (no parameters)."""
 
     def __init__(self, num_layers: int, dim: int, hidden: int, heads: int, act: str, eps: float, *,
                  rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, attention_impl: str = "xla"):
-        self.layers = stacked(num_layers, lambda r: EncoderLayer(dim, hidden, heads, act, eps, rngs=r, dtype=dtype,
+        if num_layers < 0:
+            raise ValueError(f"an encoder needs num_layers >= 0, got {num_layers}")
+        self.layers = None if num_layers == 0 else stacked(num_layers, lambda r: EncoderLayer(dim, hidden, heads, act, eps, rngs=r, dtype=dtype,
                                                                   param_dtype=param_dtype,
                                                                   attention_impl=attention_impl), rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, frozen: int = 0, remat: bool = False) -> jax.Array:
+        if self.layers is None:
+            return x
         return scan_layers(self.layers, x, mask, frozen=frozen, remat=remat)
 
 
