@@ -307,9 +307,12 @@ class Encoder(nnx.Module):
                  rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, attention_impl: str = "xla"):
         if num_layers < 0:
             raise ValueError(f"an encoder needs num_layers >= 0, got {num_layers}")
-        self.layers = None if num_layers == 0 else stacked(num_layers, lambda r: EncoderLayer(dim, hidden, heads, act, eps, rngs=r, dtype=dtype,
-                                                                  param_dtype=param_dtype,
-                                                                  attention_impl=attention_impl), rngs)
+
+        def make(r: nnx.Rngs) -> EncoderLayer:
+            return EncoderLayer(dim, hidden, heads, act, eps, rngs=r, dtype=dtype, param_dtype=param_dtype,
+                                attention_impl=attention_impl)
+
+        self.layers = None if num_layers == 0 else stacked(num_layers, make, rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, frozen: int = 0, remat: bool = False) -> jax.Array:
         if self.layers is None:
