@@ -263,8 +263,13 @@ class EncoderLayer(nnx.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
-    """`n` independently initialised copies of `make(rngs)`, params stacked on a leading `layers` axis."""
+def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module | None:
+    """`n` independently initialised copies of `make(rngs)`, params stacked on a leading `layers` axis;
+    None for n = 0 (a stack of zero layers would hold zero-size arrays, which orbax refuses to save)."""
+    if n < 0:
+        raise ValueError(f"a layer stack needs n >= 0 layers, got {n}")
+    if n == 0:
+        return None
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -274,11 +279,14 @@ def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> n
     return build(rngs)
 
 
-def scan_layers(layers: nnx.Module, x: jax.Array, *args: Any, frozen: int = 0, remat: bool = False) -> jax.Array:
-    """x <- layer_i(x, *args) for each layer of a stacked module, by `lax.scan` (one compile per depth).
+def scan_layers(layers: nnx.Module | None, x: jax.Array, *args: Any, frozen: int = 0, remat: bool = False) -> jax.Array:
+    """x <- layer_i(x, *args) for each layer of a stacked module, by `lax.scan` (one compile per depth);
+    x itself for a stack of zero layers (None).
 
     The first `frozen` layers run under `stop_gradient` (no backward pass through them).
     """
+    if layers is None:
+        return x
     graphdef, state = nnx.split(layers)
     depth = jax.tree.leaves(state)[0].shape[0]
 
@@ -305,18 +313,13 @@ class Encoder(nnx.Module):
 
     def __init__(self, num_layers: int, dim: int, hidden: int, heads: int, act: str, eps: float, *,
                  rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, attention_impl: str = "xla"):
-        if num_layers < 0:
-            raise ValueError(f"an encoder needs num_layers >= 0, got {num_layers}")
-
         def make(r: nnx.Rngs) -> EncoderLayer:
             return EncoderLayer(dim, hidden, heads, act, eps, rngs=r, dtype=dtype, param_dtype=param_dtype,
                                 attention_impl=attention_impl)
 
-        self.layers = None if num_layers == 0 else stacked(num_layers, make, rngs)
+        self.layers = stacked(num_layers, make, rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, frozen: int = 0, remat: bool = False) -> jax.Array:
-        if self.layers is None:
-            return x
         return scan_layers(self.layers, x, mask, frozen=frozen, remat=remat)
 
 
