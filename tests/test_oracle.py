@@ -264,5 +264,9 @@ def test_altered_prompt_changes_the_attribute_asked_for():
             changed = {name for oa, ob in zip(a.objects, b.objects) for name in S.ATTRIBUTES
                        if getattr(oa, name) != getattr(ob, name)}
             assert changed == {attribute}, (prompt, attribute, b.prompt)
+            assert S.changed_attribute(prompt, b.prompt) == attribute == S.changed_attribute(b.prompt, prompt)
+        assert S.changed_attribute(prompt, prompt) is None
+    twice = S.altered_prompt(S.altered_prompt(prompt, rng, "colour"), rng, "shape")
+    assert S.changed_attribute(prompt, twice) is None and S.changed_attribute(prompt, "a cat on a mat") is None
     with pytest.raises(ValueError, match="'size' is not one of"):
         S.altered_prompt(S.train_prompts()[0], rng, "size")

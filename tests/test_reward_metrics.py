@@ -104,6 +104,10 @@ def test_report_and_table():
     table = metrics.format_report(rep, "title")
     assert table.splitlines()[0] == "title" and "v.spearman" in table and "mean" in table
     assert "overall" not in rep and "overall" not in table
+    reading = {"accuracy": 0.75, "videos": 8, "by_attribute": {"colour": 1.0, "motion": 0.5}}
+    assert metrics.format_report({**rep, "text_reading": reading}).splitlines()[-1] == (
+        "text reading: 0.750 of 8 videos labelled against an altered prompt score higher text alignment with the "
+        "prompt they show (chance 0.5); colour changed 1.000; motion changed 0.500")
     # the overall reward R = sum_a w_a s_a / sum_a w_a of prediction and label: y predicted backwards
     mixed = np.stack([vt[:, 0], -vt[:, 1]], 1)
     for w, expected in (((1.0, 0.0), 1.0), ((0.0, 2.0), -1.0)):

@@ -20,7 +20,7 @@ from halo_jax.models.reward.reward_model import (
     pool_tokens,
     trainable_filter,
 )
-from halo_jax.models.reward.siglip import SiglipConfig, SiglipModel, SiglipVisionConfig
+from halo_jax.models.reward.siglip import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
 from halo_jax.models.reward.siglip_params import export_siglip
 
 GRID = (2, 2, 3)
@@ -237,7 +237,9 @@ def test_match_features_are_the_matching_probabilities_of_video_and_cells():
     mask = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])
     cells = cfg.token_cell_map(frames.shape[1:4])
     v = model.video_tokens(model.sample_frames(frames))
-    video, cell = model._match_features(v, model.encode_text(ids), mask, cells)
+    views = model._matching_views(v, cells)
+    features = model._match_features(views, model.encode_text(ids), mask)
+    video, cell = features[:, 0], features[:, 1:].reshape(2, *GRID, 1)
     sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     np.testing.assert_allclose(np.asarray(video[:, 0]), sig(np.diag(np.asarray(model.match_logits(frames, ids, mask)))),
                                rtol=1e-5)
@@ -255,6 +257,39 @@ def test_match_features_are_the_matching_probabilities_of_video_and_cells():
             assert float(cell[b][c][0]) == pytest.approx(expected, rel=1e-5), (b, c)
     out = model(frames, ids, mask)
     assert out["video"].shape == (2, len(cfg.aspects)) and out["patch"].shape == (2, len(cfg.aspects), *GRID)
+
+
+def test_word_evidence_is_each_words_log_softmax_among_the_vocabulary_in_its_place():
+    """With `word_evidence` (text tower of depth 0) the heads read, for every prompt token, log softmax over the
+    vocabulary of the matching logit with that token replaced, at the prompt's own word; checked against
+    the logits of every substituted prompt computed by `match_text` (rel. 1e-4); 0 at padding and past S."""
+    text = SiglipTextConfig.tiny(num_hidden_layers=0, vocab_size=7)
+    cfg = RewardModelConfig.tiny(num_frames=5, grid=GRID, text=text, word_evidence=True)
+    model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.RandomState(3)
+    frames = jnp.asarray(rng.randint(0, 256, (2, 5, 35, 42, 3)).astype(np.uint8))
+    ids = rng.randint(0, 7, (2, 6))
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2])
+    views = model._matching_views(model.video_tokens(model.sample_frames(frames)), cfg.token_cell_map((5, 35, 42)))
+    got = np.asarray(model._word_evidence(views, model.encode_text(jnp.asarray(ids)), jnp.asarray(mask),
+                                          jnp.asarray(ids)))
+    assert got.shape == (2, 1 + math.prod(GRID), text.max_position_embeddings)
+    scale, bias = math.exp(float(model.logit_scale[...][0])), float(model.logit_bias[...][0])
+    for b in range(2):
+        for s in range(6):
+            if not mask[b, s]:
+                continue
+            swapped = np.repeat(ids[b:b + 1], 7, axis=0)
+            swapped[:, s] = np.arange(7)
+            t = np.asarray(model.match_text(jnp.asarray(swapped), jnp.asarray(np.repeat(mask[b:b + 1], 7, axis=0))))
+            logits = scale * np.asarray(views[b], np.float64) @ t.T.astype(np.float64) + bias  # (K, V)
+            expected = logits[:, ids[b, s]] - np.log(np.exp(logits).sum(-1))
+            np.testing.assert_allclose(got[b, :, s], expected, rtol=1e-4, atol=1e-5)
+    assert not got[1, :, 4:].any() and not got[:, :, 6:].any()
+    out = model(frames, jnp.asarray(ids), jnp.asarray(mask))
+    assert out["patch"].shape == (2, len(cfg.aspects), *GRID)
+    with pytest.raises(ValueError, match="word_evidence needs a text tower of depth 0"):
+        RewardModelConfig.tiny(word_evidence=True)
 
 
 def test_mean_max_heads_read_the_mean_and_the_max_of_their_tokens(monkeypatch):

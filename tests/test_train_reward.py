@@ -347,6 +347,10 @@ def test_synthetic_videos_with_mismatched_prompts(tmp_path):
             return {"video": np.array([[5.0, 4.0 if p in shown else 2.0] for p in prompts])}
 
     labelled = np.array([2.0 if e.prompt_is_rendered else 3.0 for e in examples])  # scores with their own prompts
-    assert train_reward.text_reading(Reader(), held, labelled, 1) == {"accuracy": 1.0, "videos": 4}
-    assert train_reward.text_reading(Reader(), held, labelled + 1, 1) == {"accuracy": 0.5, "videos": 4}  # ties
+    changed = {shapes.changed_attribute(e.rendered_prompt, e.prompt) for e in examples if not e.prompt_is_rendered}
+    assert None not in changed
+    for offset, accuracy in ((0, 1.0), (1, 0.5)):  # ties count half
+        by_attribute = {a: accuracy for a in shapes.ATTRIBUTES if a in changed}
+        assert train_reward.text_reading(Reader(), held, labelled + offset, 1) == {
+            "accuracy": accuracy, "videos": 4, "by_attribute": by_attribute}
     assert train_reward.text_reading(Reader(), held.subset(lambda e: e.prompt_is_rendered), labelled[:4], 1) is None

@@ -513,6 +513,19 @@ def altered_prompt(scene_or_prompt: Scene | str, rng: np.random.Generator, attri
     return Scene(objects, scene.background).prompt
 
 
+def changed_attribute(prompt: str, other: str) -> str | None:
+    """The attribute (one of ATTRIBUTES) in which `other` differs from `prompt` when they differ in exactly one
+    attribute of one object, as `altered_prompt` makes them; None otherwise or outside the grammar."""
+    try:
+        a, b = as_scene(prompt), as_scene(other)
+    except ValueError:
+        return None
+    if a.background != b.background or len(a.objects) != len(b.objects):
+        return None
+    changed = [attr for x, y in zip(a.objects, b.objects) for attr in ATTRIBUTES if getattr(x, attr) != getattr(y, attr)]
+    return changed[0] if len(changed) == 1 else None
+
+
 def train_prompts() -> tuple[str, ...]:
     """The fixed training prompts: no object in them is a held-out triple."""
     return _split()[0]

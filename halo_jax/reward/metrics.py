@@ -224,5 +224,6 @@ def format_report(report: dict, title: str = "") -> str:
     if "text_reading" in report:
         t = report["text_reading"]
         lines.append(f"text reading: {t['accuracy']:.3f} of {t['videos']} videos labelled against an altered prompt "
-                     "score higher text alignment with the prompt they show (chance 0.5)")
+                     "score higher text alignment with the prompt they show (chance 0.5)"
+                     + "".join(f"; {a} changed {v:.3f}" for a, v in t.get("by_attribute", {}).items()))
     return "\n".join(lines)

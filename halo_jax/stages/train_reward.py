@@ -250,9 +250,12 @@ def evaluate(model, tokenizer, text_max_length: int, held: rdata.RewardData, con
 def text_reading(scorer, held: rdata.RewardData, text_alignment, aspect: int) -> dict | None:
     """Does the model read the prompt? Each held-out video labelled against an altered prompt is scored again
     with the prompt it was rendered from: {"accuracy": share whose text alignment is higher for the rendered
-    prompt (ties count half; chance 0.5), "videos": n}; None without such videos. `text_alignment` (N,) are
-    the held-out videos' scores with their labelled prompts."""
+    prompt (ties count half; chance 0.5), "videos": n}, and for shapes-world prompts "by_attribute": {colour /
+    shape / motion: that share among the videos whose prompt had that attribute changed}; None without such
+    videos. `text_alignment` (N,) are the held-out videos' scores with their labelled prompts."""
     import numpy as np
+
+    from halo_jax.data.shapes import ATTRIBUTES, changed_attribute
 
     altered = [i for i, e in enumerate(held.examples) if not e.prompt_is_rendered]
     if not altered:
@@ -260,7 +263,14 @@ def text_reading(scorer, held: rdata.RewardData, text_alignment, aspect: int) ->
     shown = scorer.score([held.frames(i) for i in altered],
                          [held.examples[i].rendered_prompt for i in altered])["video"][:, aspect]
     theirs = np.asarray(text_alignment)[altered]
-    return {"accuracy": float(np.mean((shown > theirs) + 0.5 * (shown == theirs))), "videos": len(altered)}
+    hits = (shown > theirs) + 0.5 * (shown == theirs)
+    report = {"accuracy": float(np.mean(hits)), "videos": len(altered)}
+    changed = np.array([str(changed_attribute(held.examples[i].rendered_prompt, held.examples[i].prompt))
+                        for i in altered])
+    by_attribute = {a: float(np.mean(hits[changed == a])) for a in ATTRIBUTES if np.any(changed == a)}
+    if by_attribute:
+        report["by_attribute"] = by_attribute
+    return report
 
 
 def evaluate_matching(model, tokenizer, text_max_length: int, held: rdata.RewardData, config) -> dict:

@@ -36,6 +36,15 @@ sigmoid(L(v, t)) appended to the mean token, the patch head gets sigmoid(L(v_c, 
 cell c's token mean, where v_c pools the tokens v over the cell as v_i pools the clip's (a direct
 text-alignment signal once phase 0 has aligned the towers).
 
+Word evidence (`word_evidence`, needs a text tower of depth 0): for every prompt token s the heads also
+read log softmax_w L(v, t^(s<-w)) at w = the prompt's own word, where t^(s<-w) is the text embedding with
+token s replaced by vocabulary word w (v = v_i for the video head, v_c for cell c's): how much better the
+prompt's word fits the video than every other word would in its place (0 at padding; P =
+max_position_embeddings values, padded with 0). The matching probability's level varies from video to
+video; this per-word comparison does not. At depth 0 a token's output depends on its word and position
+alone, so with A[w, s] the output of word w at position s and n the prompt's unmasked tokens,
+t^(s<-w) = unit(m + (A[w, s] - T_s) / n), m their mean: exact, O(B S V D) memory for a vocabulary of V.
+
 Frame differences (`frame_differences`): the towers see one frame at a time, so motion is left to the
 temporal blocks, which must find the object in every frame and compare positions. With this option
 every token also gets PatchEmbed_d(x[t+1] - x[t-1]) of the sampled, normalised frames x (one-sided
@@ -144,6 +153,7 @@ class RewardModelConfig:
     clip_scores: bool = False  # scores clipped to [1, 5] with a straight-through gradient (module docstring)
     frame_differences: bool = False  # tokens also embed x[t+1] - x[t-1] (module docstring)
     match_pool: str = "mean"  # mean | max over the tokens: the video's matching embedding (module docstring)
+    word_evidence: bool = False  # the heads also read each prompt word's fit against the vocabulary (module docstring)
 
     def __post_init__(self):
         object.__setattr__(self, "grid", as_grid(self.grid))
@@ -165,6 +175,10 @@ class RewardModelConfig:
             raise ValueError(f"head_pool={self.head_pool!r}: use one of {HEAD_POOLS}")
         if self.match_pool not in MATCH_POOLS:
             raise ValueError(f"match_pool={self.match_pool!r}: use one of {MATCH_POOLS}")
+        if self.word_evidence and self.text.num_hidden_layers != 0:
+            raise ValueError(f"word_evidence needs a text tower of depth 0 (each token its word and position alone), "
+                             f"this one has {self.text.num_hidden_layers} layers: set text.num_hidden_layers=0 or "
+                             "word_evidence=False")
         parse_tuning(self.vision_tuning, self.vision.num_hidden_layers, "vision_tuning")
         parse_tuning(self.text_tuning, self.text.num_hidden_layers, "text_tuning")
 
@@ -311,7 +325,8 @@ class RewardModel(nnx.Module):
         self.temporal = stacked(cfg.num_layers, lambda r: TemporalBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
-        head_in = d * (2 if cfg.head_pool == "mean_max" else 1) + int(cfg.match_features)
+        head_in = (d * (2 if cfg.head_pool == "mean_max" else 1) + int(cfg.match_features)
+                   + cfg.text.max_position_embeddings * int(cfg.word_evidence))
         self.video_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
         self.patch_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
         def scalar(value: float) -> nnx.Param:
@@ -390,17 +405,35 @@ class RewardModel(nnx.Module):
     def _scaled(self, cosine: jax.Array) -> jax.Array:
         return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * cosine + self.logit_bias[...].astype(jnp.float32)
 
-    def _match_features(self, v: jax.Array, text: jax.Array, text_mask: jax.Array | None, cells: CellMap
-                        ) -> tuple[jax.Array, jax.Array]:
-        """sigmoid(L) of each video (B, 1) and each cell (B, Tp, Hp, Wp, 1) with its own prompt, from
-        tokens `v` (B, T, Ht*Wt, D) pooled as `match_pool` says and text tokens (B, S, D)."""
+    def _matching_views(self, v: jax.Array, cells: CellMap) -> jax.Array:
+        """Unit matching embeddings of the clip and of each cell, from tokens `v` (B, T, Ht*Wt, D) pooled as
+        `match_pool` says: (B, 1 + C, D), float32, the clip first, then the C = Tp*Hp*Wp cells."""
         g, pool = self.config.vision.grid, self.config.match_pool
+        clip = _pool_clip(v, pool)[:, None]
+        cell = pool_tokens(v.astype(jnp.float32).reshape(*v.shape[:2], g, g, v.shape[-1]), cells, pool)
+        return _unit(jnp.concatenate([clip.astype(jnp.float32), cell.reshape(v.shape[0], -1, v.shape[-1])], axis=1))
+
+    def _match_features(self, views: jax.Array, text: jax.Array, text_mask: jax.Array | None) -> jax.Array:
+        """sigmoid(L) of each view (B, K, D) with its own prompt's text tokens (B, S, D): (B, K, 1)."""
         t = _text_embedding(text, text_mask)[:, None]  # (B, 1, D)
-        video = jnp.sum(_unit(_pool_clip(v, pool))[:, None] * t, axis=-1)  # (B, 1)
-        grid_v = v.astype(jnp.float32).reshape(*v.shape[:2], g, g, v.shape[-1])
-        cell = pool_tokens(grid_v, cells, pool)  # (B, Tp, Hp, Wp, D)
-        cell = jnp.sum(_unit(cell) * t[:, :, None, None], axis=-1)[..., None]
-        return jax.nn.sigmoid(self._scaled(video)), jax.nn.sigmoid(self._scaled(cell))
+        return jax.nn.sigmoid(self._scaled(jnp.sum(views * t, axis=-1)))[..., None]
+
+    def _word_evidence(self, views: jax.Array, text: jax.Array, text_mask: jax.Array | None, input_ids: jax.Array
+                       ) -> jax.Array:
+        """log softmax_w L(view, t^(s<-w)) at each prompt token's own word (module docstring): views (B, K, D),
+        text tokens (B, S, D), ids (B, S) -> (B, K, P), 0 at padding and past S."""
+        b, s = input_ids.shape
+        vocab = self.config.text.vocab_size
+        words = self.encode_text(jnp.broadcast_to(jnp.arange(vocab, dtype=input_ids.dtype)[:, None], (vocab, s)))
+        t = text.astype(jnp.float32)
+        w = jnp.ones((b, s), jnp.float32) if text_mask is None else (jnp.asarray(text_mask) != 0).astype(jnp.float32)
+        n = jnp.maximum(jnp.sum(w, axis=1), 1.0)[:, None, None, None]
+        mean = jnp.sum(t * w[..., None], axis=1) / n[:, 0, 0]  # (B, D)
+        swapped = mean[:, None, None] + (jnp.swapaxes(words.astype(jnp.float32), 0, 1)[None] - t[:, :, None]) / n
+        logits = self._scaled(jnp.einsum("bkd,bsvd->bksv", views, _unit(swapped)))  # (B, K, S, V)
+        own = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), input_ids[:, None, :, None], axis=-1)[..., 0]
+        own = own * w[:, None]
+        return jnp.pad(own, ((0, 0), (0, 0), (0, self.config.text.max_position_embeddings - s)))
 
     def __call__(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> dict[str, jax.Array]:
         """Scores on the 1..5 scale: {'video': (B, A), 'patch': (B, A, Tp, Hp, Wp)}, float32; with
@@ -427,10 +460,17 @@ class RewardModel(nnx.Module):
         if cfg.head_pool == "mean_max":
             video_in = jnp.concatenate([video_in, h.max(axis=1)], axis=-1)
             cells_in = jnp.concatenate([cells_in, pool_tokens(grid_h, cells, "max")], axis=-1)
-        if cfg.match_features:
-            video_match, cell_match = self._match_features(v, text, text_mask, cells)
-            video_in = jnp.concatenate([video_in, video_match.astype(video_in.dtype)], axis=-1)
-            cells_in = jnp.concatenate([cells_in, cell_match.astype(cells_in.dtype)], axis=-1)
+        if cfg.match_features or cfg.word_evidence:
+            views = self._matching_views(v, cells)
+            extra = []
+            if cfg.match_features:
+                extra.append(self._match_features(views, text, text_mask))
+            if cfg.word_evidence:
+                extra.append(self._word_evidence(views, text, text_mask, input_ids))
+            extra = jnp.concatenate(extra, axis=-1)  # (B, 1 + C, E): the clip, then the cells
+            video_in = jnp.concatenate([video_in, extra[:, 0].astype(video_in.dtype)], axis=-1)
+            cell_extra = extra[:, 1:].reshape(*cells_in.shape[:-1], -1)
+            cells_in = jnp.concatenate([cells_in, cell_extra.astype(cells_in.dtype)], axis=-1)
         video = self.video_head(video_in)
         patch = jnp.moveaxis(self.patch_head(cells_in), -1, 1)  # (B, A, Tp, Hp, Wp)
         if not cfg.clip_scores:
