@@ -522,7 +522,8 @@ def changed_attribute(prompt: str, other: str) -> str | None:
         return None
     if a.background != b.background or len(a.objects) != len(b.objects):
         return None
-    changed = [attr for x, y in zip(a.objects, b.objects) for attr in ATTRIBUTES if getattr(x, attr) != getattr(y, attr)]
+    changed = [attr for x, y in zip(a.objects, b.objects) for attr in ATTRIBUTES
+               if getattr(x, attr) != getattr(y, attr)]
     return changed[0] if len(changed) == 1 else None
 
 
