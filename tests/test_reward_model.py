@@ -288,6 +288,8 @@ def test_word_evidence_is_each_words_log_softmax_among_the_vocabulary_in_its_pla
     assert not got[1, :, 4:].any() and not got[:, :, 6:].any()
     out = model(frames, jnp.asarray(ids), jnp.asarray(mask))
     assert out["patch"].shape == (2, len(cfg.aspects), *GRID)
+    for head in (model.video_head, model.patch_head):  # the heads read the P values next to the tokens' mean
+        assert head.fc1.kernel[...].shape[0] == cfg.width + text.max_position_embeddings
     with pytest.raises(ValueError, match="word_evidence needs a text tower of depth 0"):
         RewardModelConfig.tiny(word_evidence=True)
 
