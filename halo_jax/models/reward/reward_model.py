@@ -243,10 +243,18 @@ def _unit(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def _text_mean(text: jax.Array, text_mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mean m of text tokens (B, S, D) over the unmasked ones (B, D), the token weights w (B, S) (1 = token,
+    0 = padding) and their count n = max(sum w, 1) (B,); float32."""
+    w = jnp.ones(text.shape[:2]) if text_mask is None else (jnp.asarray(text_mask) != 0)
+    w = w.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w, axis=1), 1.0)
+    return jnp.sum(text.astype(jnp.float32) * w[..., None], axis=1) / n[:, None], w, n
+
+
 def _text_embedding(text: jax.Array, text_mask: jax.Array | None) -> jax.Array:
     """Unit mean of text tokens (B, S, D) over the unmasked ones: (B, D), float32."""
-    w = jnp.ones(text.shape[:2], jnp.float32) if text_mask is None else (jnp.asarray(text_mask) != 0).astype(jnp.float32)
-    return _unit(jnp.sum(text.astype(jnp.float32) * w[..., None], axis=1) / jnp.maximum(jnp.sum(w, axis=1)[:, None], 1.0))
+    return _unit(_text_mean(text, text_mask)[0])
 
 
 def _pool_clip(v: jax.Array, reduce: str) -> jax.Array:
@@ -422,14 +430,13 @@ class RewardModel(nnx.Module):
                        ) -> jax.Array:
         """log softmax_w L(view, t^(s<-w)) at each prompt token's own word (module docstring): views (B, K, D),
         text tokens (B, S, D), ids (B, S) -> (B, K, P), 0 at padding and past S."""
-        b, s = input_ids.shape
+        s = input_ids.shape[1]
         vocab = self.config.text.vocab_size
         words = self.encode_text(jnp.broadcast_to(jnp.arange(vocab, dtype=input_ids.dtype)[:, None], (vocab, s)))
         t = text.astype(jnp.float32)
-        w = jnp.ones((b, s), jnp.float32) if text_mask is None else (jnp.asarray(text_mask) != 0).astype(jnp.float32)
-        n = jnp.maximum(jnp.sum(w, axis=1), 1.0)[:, None, None, None]
-        mean = jnp.sum(t * w[..., None], axis=1) / n[:, 0, 0]  # (B, D)
-        swapped = mean[:, None, None] + (jnp.swapaxes(words.astype(jnp.float32), 0, 1)[None] - t[:, :, None]) / n
+        mean, w, n = _text_mean(t, text_mask)
+        change = (jnp.swapaxes(words.astype(jnp.float32), 0, 1)[None] - t[:, :, None]) / n[:, None, None, None]
+        swapped = mean[:, None, None] + change  # (B, S, V, D)
         logits = self._scaled(jnp.einsum("bkd,bsvd->bksv", views, _unit(swapped)))  # (B, K, S, V)
         own = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), input_ids[:, None, :, None], axis=-1)[..., 0]
         own = own * w[:, None]
