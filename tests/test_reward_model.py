@@ -22,6 +22,7 @@ from halo_jax.models.reward.reward_model import (
 )
 from halo_jax.models.reward.siglip import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
 from halo_jax.models.reward.siglip_params import export_siglip
+from halo_jax.reward import losses
 
 GRID = (2, 2, 3)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # these tests check shapes and gradient flow, not speed
@@ -286,6 +287,16 @@ def test_word_evidence_is_each_words_log_softmax_among_the_vocabulary_in_its_pla
             expected = logits[:, ids[b, s]] - np.log(np.exp(logits).sum(-1))
             np.testing.assert_allclose(got[b, :, s], expected, rtol=1e-4, atol=1e-5)
     assert not got[1, :, 4:].any() and not got[:, :, 6:].any()
+    # phase 0's word loss L_w reads the clip's row (reward/losses.py): the mean over valid videos' tokens
+    fit = model.word_fit(frames, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(fit), got[:, 0, :6], rtol=1e-5, atol=1e-6)
+    batch = {"frames": frames, "input_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask),
+             "valid": jnp.asarray([0.0, 1.0]), "group": jnp.asarray([0, 1])}
+    plain, _ = losses.matching_terms(model, batch)
+    total, terms = losses.matching_terms(model, batch, word=0.5)
+    expected_word = -got[1, 0, :4].mean()  # video 0 is padding
+    assert float(terms["word"]) == pytest.approx(expected_word, rel=1e-5)
+    assert float(total) == pytest.approx(float(plain) + 0.5 * expected_word, rel=1e-5)
     out = model(frames, jnp.asarray(ids), jnp.asarray(mask))
     assert out["patch"].shape == (2, len(cfg.aspects), *GRID)
     for head in (model.video_head, model.patch_head):  # the heads read the P values next to the tokens' mean

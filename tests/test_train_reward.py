@@ -259,6 +259,10 @@ def test_score_writes_the_schema_pairs_reads(trained, tmp_path):
     config.reward.losses.bound_margin = 0.2
     with pytest.raises(ConfigError, match="bound_margin=0.2.*clip_scores=True"):  # a margin needs clipped scores
         train_reward.run(config, str(tmp_path / "w"))
+    config.reward.losses.bound_margin = 0.0
+    config.reward.losses.word = 1.0
+    with pytest.raises(ConfigError, match="losses.word=1.0 needs a random text tower of depth 0"):  # depth 1 here
+        train_reward.run(config, str(tmp_path / "w"))
     assert not (tmp_path / "w" / "reward").exists()
 
 

@@ -16,6 +16,12 @@ video against every prompt of the batch, with z_ij = +1 when videos i and j shar
 (group) and -1 otherwise:
 
     matching        L_m    = sum_i w_i sum_j w_j softplus(-z_ij L_ij) / sum_i w_i
+    word            L_w    = -sum_i w_i sum_s m_is log softmax_u L(v_i, t_i^(s<-u))[u = word_is] / sum_i w_i sum_s m_is
+
+(L_w, weight `word`, text towers of depth 0 only: for every token s of video i's prompt, m_is its text
+mask, the prompt's own word against every vocabulary word u put in its place, `RewardModel.word_fit`: a
+softmax over the words, so a shape word must beat the other shapes for the same video, which in-batch
+prompts of other colours never ask; phase 0 minimises L_m + w_word L_w.)
 
 With a reward model that clips its scores (`clip_scores`: outputs s = clip(r, 1, 5), raw head
 outputs r), the squared errors (s - y)^2 of L_reg and L_p become censored ones: a label at a bound is
@@ -65,6 +71,7 @@ class LossWeights:
     bt_margin: float = 0.0
     bt_temperature: float = 1.0
     bound_margin: float = 0.0
+    word: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -179,10 +186,10 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
     return total, metrics
 
 
-def matching_terms(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+def matching_terms(model, batch: Mapping[str, jax.Array], word: float = 0.0) -> tuple[jax.Array, dict]:
     """Phase 0: L_m of every video against the batch's prompts and, when the batch has them, the hard
     negatives (negative_ids / negative_mask (N, K, S), negative_group / negative_valid (N, K)) as more
-    prompt columns: a negative is positive only for videos of the prompt it names."""
+    prompt columns: a negative is positive only for videos of the prompt it names; plus `word` L_w."""
     valid = batch["valid"].astype(jnp.float32)
     ids, mask, col_groups, col_weight = batch["input_ids"], batch["text_mask"], batch["group"], valid
     if "negative_ids" in batch:
@@ -193,7 +200,13 @@ def matching_terms(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, di
         col_weight = jnp.concatenate([valid, (batch["negative_valid"] * valid[:, None]).reshape(n * k)])
     logits = model.match_logits(batch["frames"], ids, mask)
     loss, accuracy = matching_loss(logits, batch["group"], valid, col_groups, col_weight)
-    return loss, {"matching": loss, "match_accuracy": accuracy}
+    metrics = {"matching": loss, "match_accuracy": accuracy}
+    if word > 0:
+        tokens = batch["text_mask"].astype(jnp.float32) * valid[:, None]
+        fit = model.word_fit(batch["frames"], batch["input_ids"], batch["text_mask"])
+        metrics["word"] = -jnp.sum(fit * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
+        loss = loss + word * metrics["word"]
+    return loss, metrics
 
 
 def make_loss_fn(weights: LossWeights, phase: int):
@@ -207,7 +220,7 @@ def make_loss_fn(weights: LossWeights, phase: int):
     def loss_fn(model, batch, key):
         del key  # the reward model has no dropout
         if phase == 0:
-            return matching_terms(model, batch)
+            return matching_terms(model, batch, weights.word)
         out = model(batch["frames"], batch["input_ids"], batch["text_mask"])
         return reward_losses(out, batch, weights, phase)
 

@@ -440,6 +440,10 @@ def run(config, workdir: str) -> Path:
     if weights.bound_margin > 0 and not r.model.clip_scores:
         raise ConfigError(f"reward.losses.bound_margin={weights.bound_margin} needs a model that clips its scores: "
                           "set reward.model.clip_scores=True (or the margin to 0)")
+    if weights.word > 0 and (r.siglip_path or int(r.model.text.num_hidden_layers)):
+        raise ConfigError(f"reward.losses.word={weights.word} needs a random text tower of depth 0 (each token its "
+                          "word and position alone): set reward.model.text.num_hidden_layers=0 (and no "
+                          "reward.siglip_path) or reward.losses.word=0")
     check_continuations(r, root, config.checkpoint.keep)
 
     examples, readers, bad = gather_examples(config, workdir, root)

@@ -406,6 +406,15 @@ class RewardModel(nnx.Module):
         """Unit matching embedding v_i / |v_i| of each clip (B, F, H, W, C): (B, D), float32."""
         return _unit(_pool_clip(self.video_tokens(self.sample_frames(frames)), self.config.match_pool))
 
+    def word_fit(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
+        """log softmax_w L(v_i, t_i^(s<-w)) at each prompt token's own word, v_i the clip's matching view:
+        (B, S), 0 at padding; needs a text tower of depth 0 (`_word_evidence`, module docstring)."""
+        if self.config.text.num_hidden_layers:
+            raise ValueError(f"word_fit needs a text tower of depth 0, this one has {self.config.text.num_hidden_layers}"
+                             " layers: set text.num_hidden_layers=0")
+        views = self.match_video(frames)[:, None]
+        return self._word_evidence(views, self.encode_text(input_ids), text_mask, input_ids)[:, 0, :input_ids.shape[1]]
+
     def match_text(self, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
         """Unit matching embedding t_j of each prompt (B', S): (B', D), float32."""
         return _text_embedding(self.encode_text(input_ids), text_mask)
