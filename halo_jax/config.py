@@ -206,6 +206,7 @@ def reward_config() -> ml_collections.ConfigDict:
             "frame_differences": False,  # tokens also embed x[t+1] - x[t-1], a motion cue (RewardModel docstring)
             "match_pool": "mean",  # mean | max over the tokens: the video's matching embedding (phase 0)
             "word_evidence": False,  # the heads also read each prompt word's fit (depth-0 text; RewardModel docstring)
+            "pixel_mlp": 0,  # > 0: hidden width of a nonlinear embedding of each token's pixels (RewardModel docstring)
             "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                        "num_attention_heads": 4, "image_size": 32, "patch_size": 4},
             "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4},

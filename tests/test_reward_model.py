@@ -375,6 +375,38 @@ def test_frame_difference_tokens_embed_the_change_around_each_frame():
     assert not np.allclose(with_differences, model(moving, ids)["video"], atol=1e-3)
 
 
+def test_pixel_mlp_tokens_embed_each_square_of_the_frame_and_its_difference():
+    """pixel_mlp: token n of sampled frame t also gets fc2(gelu(fc1([square of x_t, square of x[t+1] - x[t-1]])))
+    (the squares flattened row by row, channels last), checked against numpy on every square; fc2 starts at
+    zero (a loaded model is unchanged); the tokens reach the matching embedding and the scores."""
+    cfg = RewardModelConfig.tiny(num_frames=3, grid=GRID, frame_differences=True, pixel_mlp=6)
+    built = nnx.jit(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))().pixel_mlp  # one compile
+    assert not np.any(built.fc2.kernel[...]) and not np.any(built.fc2.bias[...])
+    p, t, g = cfg.vision.patch_size, cfg.num_frames, cfg.vision.grid
+    assert built.fc1.kernel[...].shape == (p * p * 2 * cfg.vision.num_channels, 6)
+    model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
+    clip = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 5, 32, 32, 3)), jnp.uint8)
+    x = np.asarray(model.sample_frames(clip))
+    w1, b1 = np.asarray(model.pixel_mlp.fc1.kernel[...]), np.asarray(model.pixel_mlp.fc1.bias[...])
+    w2, b2 = np.asarray(model.pixel_mlp.fc2.kernel[...]), np.asarray(model.pixel_mlp.fc2.bias[...])
+    expected = np.asarray(model.proj_in(model.encode_pixels(jnp.asarray(x)))) + np.asarray(
+        model.difference_tokens(jnp.asarray(x)))
+    for f in range(t):
+        both = np.concatenate([x[:, f], x[:, min(f + 1, t - 1)] - x[:, max(f - 1, 0)]], axis=-1)
+        for i in range(g):
+            for j in range(g):
+                square = both[:, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(2, -1)
+                expected[:, f, i * g + j] += np.asarray(jax.nn.gelu(square @ w1 + b1)) @ w2 + b2
+    np.testing.assert_allclose(model.video_tokens(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
+    ids = jnp.asarray(np.random.default_rng(6).integers(0, cfg.text.vocab_size, (2, 8)))
+    scores, matched = model(clip, ids)["video"], model.match_video(clip)
+    model.pixel_mlp.fc2.kernel[...] = jnp.zeros_like(model.pixel_mlp.fc2.kernel[...])
+    assert not np.allclose(scores, model(clip, ids)["video"], atol=1e-3)
+    assert not np.allclose(matched, model.match_video(clip), atol=1e-4)
+    with pytest.raises(ValueError, match="pixel_mlp must be >= 0"):
+        RewardModelConfig.tiny(pixel_mlp=-1)
+
+
 def test_clipped_scores_stay_in_range_with_the_identity_gradient():
     """clip_scores: the value is clip(s, 1, 5), the gradient the identity's (straight-through), so a score
     beyond a bound still learns a label inside the range."""

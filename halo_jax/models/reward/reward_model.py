@@ -4,7 +4,8 @@
       -> sample `num_frames` frames: indices round(linspace(0, F-1, num_frames))
       -> resize each to the tower's image_size (bilinear, antialiased), (x - mean) / std
       -> SigLIP vision tower per frame: last hidden state, (B, T, Ht, Wt, Dv) patch tokens
-      -> v = proj_in to width D (+ with frame_differences: PatchEmbed_d(x[t+1] - x[t-1]), see below)
+      -> v = proj_in to width D (+ with frame_differences: PatchEmbed_d(x[t+1] - x[t-1]);
+             + with pixel_mlp: PixelMLP of each token's pixels; see below)
       -> v + learned frame-index embedding + learned spatial embedding
       -> `num_layers` temporal blocks over all T*Ht*Wt tokens, each
              x += SelfAttn(LN x);  x += CrossAttn(LN x, text);  x += MLP(LN x)
@@ -53,6 +54,12 @@ with the tower's patch size, initialised to zero (a loaded model starts unchange
 object's difference shows its leading and trailing edges, so its direction is local to a token
 (RGB-difference inputs of two-stream video networks).
 
+Pixel MLP (`pixel_mlp` = H > 0): every token also gets fc2(gelu(fc1(p))) of its own square p of the sampled,
+normalised frame (with `frame_differences`, of that frame and of x[t+1] - x[t-1], concatenated): a nonlinear
+patch embedding of hidden width H next to the tower's linear one, fc2 initialised to zero (a loaded model
+starts unchanged). A ViT's patch embedding is linear in the pixels; outlines and the direction of an edge's
+movement are not, and a small tower finds them late or not at all (docs/architecture.md, "Pixel MLP").
+
 Text conditioning is cross-attention to the text tokens in every temporal block (not FiLM):
 every video token can attend to the words that concern it, which is what a per-patch
 text-alignment score needs. `text_mask` (B, S) masks padded text keys of the cross-attention
@@ -99,6 +106,7 @@ from halo_jax.models.reward.siglip import (
     SiglipVisionTower,
     dense,
     layer_norm,
+    patchify,
     scan_layers,
     stacked,
 )
@@ -154,6 +162,7 @@ class RewardModelConfig:
     frame_differences: bool = False  # tokens also embed x[t+1] - x[t-1] (module docstring)
     match_pool: str = "mean"  # mean | max over the tokens: the video's matching embedding (module docstring)
     word_evidence: bool = False  # the heads also read each prompt word's fit against the vocabulary (module docstring)
+    pixel_mlp: int = 0  # > 0: hidden width of a nonlinear embedding of each token's pixels (module docstring)
 
     def __post_init__(self):
         object.__setattr__(self, "grid", as_grid(self.grid))
@@ -175,6 +184,8 @@ class RewardModelConfig:
             raise ValueError(f"head_pool={self.head_pool!r}: use one of {HEAD_POOLS}")
         if self.match_pool not in MATCH_POOLS:
             raise ValueError(f"match_pool={self.match_pool!r}: use one of {MATCH_POOLS}")
+        if self.pixel_mlp < 0:
+            raise ValueError(f"pixel_mlp must be >= 0 (0: off), got {self.pixel_mlp}")
         if self.word_evidence and self.text.num_hidden_layers != 0:
             raise ValueError(f"word_evidence needs a text tower of depth 0 (each token its word and position alone), "
                              f"this one has {self.text.num_hidden_layers} layers: set text.num_hidden_layers=0 or "
@@ -289,6 +300,28 @@ class TemporalBlock(nnx.Module):
         return x + self.mlp(self.norm3(x))
 
 
+def frame_differences(x: jax.Array) -> jax.Array:
+    """x[t+1] - x[t-1] of frames (B, T, ...), one-sided (x[1] - x[0], x[T-1] - x[T-2]) at the ends, 0 for T = 1."""
+    padded = jnp.concatenate([x[:, :1], x, x[:, -1:]], axis=1)
+    return padded[:, 2:] - padded[:, :-2]
+
+
+class PixelMLP(nnx.Module):
+    """fc2(gelu(fc1(square))) of every p x p square of an image, fc2 zero-initialised: (N, S, S, C) -> (N, (S/p)^2, D)
+    (module docstring, "Pixel MLP")."""
+
+    def __init__(self, patch: int, inputs: int, hidden: int, dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None,
+                 param_dtype: Dtype = jnp.float32):
+        self.patch = patch
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = dense(inputs, hidden, (None, "mlp"), **kw)
+        self.fc2 = dense(hidden, dim, ("mlp", "embed"), kernel_init=nnx.initializers.zeros, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        squares = patchify(x, self.patch)
+        return self.fc2(jax.nn.gelu(self.fc1(squares.reshape(*squares.shape[:2], -1))))
+
+
 def clip_to_label_range(s: jax.Array) -> jax.Array:
     """Forward value clip(s, SCORE_MIN, SCORE_MAX), gradient the identity's (straight-through).
 
@@ -330,6 +363,9 @@ class RewardModel(nnx.Module):
         if cfg.frame_differences:
             self.difference_embedding = PatchEmbed(cfg.vision.patch_size, cfg.vision.num_channels, d,
                                                    kernel_init=nnx.initializers.zeros, **kw)
+        if cfg.pixel_mlp:
+            inputs = cfg.vision.patch_size ** 2 * cfg.vision.num_channels * (2 if cfg.frame_differences else 1)
+            self.pixel_mlp = PixelMLP(cfg.vision.patch_size, inputs, cfg.pixel_mlp, d, **kw)
         self.temporal = stacked(cfg.num_layers, lambda r: TemporalBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
@@ -385,17 +421,25 @@ class RewardModel(nnx.Module):
         return tokens.reshape(*x.shape[:2], *tokens.shape[1:])
 
     def video_tokens(self, x: jax.Array) -> jax.Array:
-        """Sampled frames (B, T, S, S, C) -> v = proj_in(vision tokens) (+ difference tokens): (B, T, Ht*Wt, D)."""
+        """Sampled frames (B, T, S, S, C) -> v = proj_in(vision tokens) (+ difference tokens, + pixel-MLP tokens):
+        (B, T, Ht*Wt, D)."""
         v = self.proj_in(self.encode_pixels(x))
-        if self.config.frame_differences:
-            v = v + self.difference_tokens(x).astype(v.dtype)
+        diff = frame_differences(x) if self.config.frame_differences else None
+        if diff is not None:
+            v = v + self._per_frame(self.difference_embedding, diff).astype(v.dtype)
+        if self.config.pixel_mlp:
+            pixels = x if diff is None else jnp.concatenate([x, diff], axis=-1)
+            v = v + self._per_frame(self.pixel_mlp, pixels).astype(v.dtype)
         return v
 
     def difference_tokens(self, x: jax.Array) -> jax.Array:
         """Sampled frames (B, T, S, S, C) -> PatchEmbed_d(x[t+1] - x[t-1]) (B, T, Ht*Wt, D), one-sided at the ends."""
-        padded = jnp.concatenate([x[:, :1], x, x[:, -1:]], axis=1)
-        diff = padded[:, 2:] - padded[:, :-2]
-        tokens = self.difference_embedding(diff.reshape(-1, *x.shape[2:]))
+        return self._per_frame(self.difference_embedding, frame_differences(x))
+
+    @staticmethod
+    def _per_frame(embed: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+        """A per-image token embedding (N, S, S, C') -> (N, Ht*Wt, D) applied to frames (B, T, S, S, C')."""
+        tokens = embed(x.reshape(-1, *x.shape[2:]))
         return tokens.reshape(*x.shape[:2], *tokens.shape[1:])
 
     def match_logits(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:

@@ -331,6 +331,12 @@ class TowerOutput(NamedTuple):
 # ----------------------------------------------------------------------------- vision
 
 
+def patchify(x: jax.Array, p: int) -> jax.Array:
+    """(B, H, W, C) -> (B, (H/p)(W/p), p, p, C): the p x p squares in row-major order."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p, p, c)
+
+
 class PatchEmbed(nnx.Module):
     """Conv2d(kernel = stride = p, 'valid') as reshape + matmul: (B, H, W, C) -> (B, (H/p)(W/p), D)."""
 
@@ -343,9 +349,7 @@ class PatchEmbed(nnx.Module):
         self.bias = nnx.Param(param_init(nnx.initializers.zeros, "embed")(rngs.params(), (dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        p = self.patch
-        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p, p, c)
+        x = patchify(x, self.patch)
         dtype = self.dtype or x.dtype
         out = jnp.einsum("bnijc,ijcd->bnd", x.astype(dtype), self.kernel[...].astype(dtype))
         return out + self.bias[...].astype(dtype)
