@@ -454,8 +454,8 @@ class RewardModel(nnx.Module):
         """log softmax_w L(v_i, t_i^(s<-w)) at each prompt token's own word, v_i the clip's matching view:
         (B, S), 0 at padding; needs a text tower of depth 0 (`_word_evidence`, module docstring)."""
         if self.config.text.num_hidden_layers:
-            raise ValueError(f"word_fit needs a text tower of depth 0, this one has {self.config.text.num_hidden_layers}"
-                             " layers: set text.num_hidden_layers=0")
+            raise ValueError(f"word_fit needs a text tower of depth 0, this one has "
+                             f"{self.config.text.num_hidden_layers} layers: set text.num_hidden_layers=0")
         views = self.match_video(frames)[:, None]
         return self._word_evidence(views, self.encode_text(input_ids), text_mask, input_ids)[:, 0, :input_ids.shape[1]]
 
