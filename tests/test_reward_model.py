@@ -288,7 +288,7 @@ def test_word_evidence_is_each_words_log_softmax_among_the_vocabulary_in_its_pla
             np.testing.assert_allclose(got[b, :, s], expected, rtol=1e-4, atol=1e-5)
     assert not got[1, :, 4:].any() and not got[:, :, 6:].any()
     # phase 0's word loss L_w reads the clip's row (reward/losses.py): the mean over valid videos' tokens
-    fit = model.word_fit(frames, jnp.asarray(ids), jnp.asarray(mask))
+    fit = model.word_fit(model.match_video(frames), jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(fit), got[:, 0, :6], rtol=1e-5, atol=1e-6)
     batch = {"frames": frames, "input_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask),
              "valid": jnp.asarray([0.0, 1.0]), "group": jnp.asarray([0, 1])}

@@ -198,12 +198,13 @@ def matching_terms(model, batch: Mapping[str, jax.Array], word: float = 0.0) -> 
         mask = jnp.concatenate([mask, batch["negative_mask"].reshape(n * k, s)])
         col_groups = jnp.concatenate([col_groups, batch["negative_group"].reshape(n * k)])
         col_weight = jnp.concatenate([valid, (batch["negative_valid"] * valid[:, None]).reshape(n * k)])
-    logits = model.match_logits(batch["frames"], ids, mask)
+    video = model.match_video(batch["frames"])  # one pass of the towers for both terms
+    logits = model.scaled(video @ model.match_text(ids, mask).T)
     loss, accuracy = matching_loss(logits, batch["group"], valid, col_groups, col_weight)
     metrics = {"matching": loss, "match_accuracy": accuracy}
     if word > 0:
         tokens = batch["text_mask"].astype(jnp.float32) * valid[:, None]
-        fit = model.word_fit(batch["frames"], batch["input_ids"], batch["text_mask"])
+        fit = model.word_fit(video, batch["input_ids"], batch["text_mask"])
         metrics["word"] = -jnp.sum(fit * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
         loss = loss + word * metrics["word"]
     return loss, metrics

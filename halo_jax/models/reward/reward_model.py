@@ -444,26 +444,28 @@ class RewardModel(nnx.Module):
 
     def match_logits(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
         """Video-text logits (B videos, B' prompts), float32 (module docstring)."""
-        return self._scaled(self.match_video(frames) @ self.match_text(input_ids, text_mask).T)
+        return self.scaled(self.match_video(frames) @ self.match_text(input_ids, text_mask).T)
 
     def match_video(self, frames: jax.Array) -> jax.Array:
         """Unit matching embedding v_i / |v_i| of each clip (B, F, H, W, C): (B, D), float32."""
         return _unit(_pool_clip(self.video_tokens(self.sample_frames(frames)), self.config.match_pool))
 
-    def word_fit(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
-        """log softmax_w L(v_i, t_i^(s<-w)) at each prompt token's own word, v_i the clip's matching view:
-        (B, S), 0 at padding; needs a text tower of depth 0 (`_word_evidence`, module docstring)."""
+    def word_fit(self, video: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
+        """log softmax_w L(v_i, t_i^(s<-w)) at each prompt token's own word, for clips' matching embeddings
+        v_i = `match_video` (B, D) and their prompts (B, S): (B, S), 0 at padding; needs a text tower of depth 0
+        (`_word_evidence`, module docstring)."""
         if self.config.text.num_hidden_layers:
             raise ValueError(f"word_fit needs a text tower of depth 0, this one has "
                              f"{self.config.text.num_hidden_layers} layers: set text.num_hidden_layers=0")
-        views = self.match_video(frames)[:, None]
-        return self._word_evidence(views, self.encode_text(input_ids), text_mask, input_ids)[:, 0, :input_ids.shape[1]]
+        fit = self._word_evidence(video[:, None], self.encode_text(input_ids), text_mask, input_ids)
+        return fit[:, 0, :input_ids.shape[1]]
 
     def match_text(self, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
         """Unit matching embedding t_j of each prompt (B', S): (B', D), float32."""
         return _text_embedding(self.encode_text(input_ids), text_mask)
 
-    def _scaled(self, cosine: jax.Array) -> jax.Array:
+    def scaled(self, cosine: jax.Array) -> jax.Array:
+        """Matching logits exp(logit_scale) cosine + logit_bias, float32."""
         return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * cosine + self.logit_bias[...].astype(jnp.float32)
 
     def _matching_views(self, v: jax.Array, cells: CellMap) -> jax.Array:
@@ -477,7 +479,7 @@ class RewardModel(nnx.Module):
     def _match_features(self, views: jax.Array, text: jax.Array, text_mask: jax.Array | None) -> jax.Array:
         """sigmoid(L) of each view (B, K, D) with its own prompt's text tokens (B, S, D): (B, K, 1)."""
         t = _text_embedding(text, text_mask)[:, None]  # (B, 1, D)
-        return jax.nn.sigmoid(self._scaled(jnp.sum(views * t, axis=-1)))[..., None]
+        return jax.nn.sigmoid(self.scaled(jnp.sum(views * t, axis=-1)))[..., None]
 
     def _word_evidence(self, views: jax.Array, text: jax.Array, text_mask: jax.Array | None, input_ids: jax.Array
                        ) -> jax.Array:
@@ -490,7 +492,7 @@ class RewardModel(nnx.Module):
         mean, w, n = _text_mean(t, text_mask)
         change = (jnp.swapaxes(words.astype(jnp.float32), 0, 1)[None] - t[:, :, None]) / n[:, None, None, None]
         swapped = mean[:, None, None] + change  # (B, S, V, D)
-        logits = self._scaled(jnp.einsum("bkd,bsvd->bksv", views, _unit(swapped)))  # (B, K, S, V)
+        logits = self.scaled(jnp.einsum("bkd,bsvd->bksv", views, _unit(swapped)))  # (B, K, S, V)
         own = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), input_ids[:, None, :, None], axis=-1)[..., 0]
         own = own * w[:, None]
         return jnp.pad(own, ((0, 0), (0, 0), (0, self.config.text.max_position_embeddings - s)))
