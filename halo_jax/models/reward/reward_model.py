@@ -454,9 +454,6 @@ class RewardModel(nnx.Module):
         """log softmax_w L(v_i, t_i^(s<-w)) at each prompt token's own word, for clips' matching embeddings
         v_i = `match_video` (B, D) and their prompts (B, S): (B, S), 0 at padding; needs a text tower of depth 0
         (`_word_evidence`, module docstring)."""
-        if self.config.text.num_hidden_layers:
-            raise ValueError(f"word_fit needs a text tower of depth 0, this one has "
-                             f"{self.config.text.num_hidden_layers} layers: set text.num_hidden_layers=0")
         fit = self._word_evidence(video[:, None], self.encode_text(input_ids), text_mask, input_ids)
         return fit[:, 0, :input_ids.shape[1]]
 
@@ -484,7 +481,10 @@ class RewardModel(nnx.Module):
     def _word_evidence(self, views: jax.Array, text: jax.Array, text_mask: jax.Array | None, input_ids: jax.Array
                        ) -> jax.Array:
         """log softmax_w L(view, t^(s<-w)) at each prompt token's own word (module docstring): views (B, K, D),
-        text tokens (B, S, D), ids (B, S) -> (B, K, P), 0 at padding and past S."""
+        text tokens (B, S, D), ids (B, S) -> (B, K, P), 0 at padding and past S. Exact only at text depth 0."""
+        if self.config.text.num_hidden_layers:
+            raise ValueError(f"word evidence needs a text tower of depth 0, this one has "
+                             f"{self.config.text.num_hidden_layers} layers: set text.num_hidden_layers=0")
         s = input_ids.shape[1]
         vocab = self.config.text.vocab_size
         words = self.encode_text(jnp.broadcast_to(jnp.arange(vocab, dtype=input_ids.dtype)[:, None], (vocab, s)))
