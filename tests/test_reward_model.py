@@ -10,18 +10,10 @@ import pytest
 from flax import nnx
 
 from halo_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder, save_folder
-from halo_jax.models.reward.reward_model import (
-    TOWER_LORA_TARGETS,
-    RewardModel,
-    RewardModelConfig,
-    apply_tower_lora,
-    clip_to_label_range,
-    load_towers,
-    pool_tokens,
-    trainable_filter,
-)
+from halo_jax.models.reward.reward_model import RewardModel, RewardModelConfig, clip_to_label_range, pool_tokens
 from halo_jax.models.reward.siglip import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
 from halo_jax.models.reward.siglip_params import export_siglip
+from halo_jax.models.reward.towers import TOWER_LORA_TARGETS, apply_tower_lora, load_towers, trainable_filter
 from halo_jax.reward import losses
 
 GRID = (2, 2, 3)
