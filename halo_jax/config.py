@@ -207,6 +207,7 @@ def reward_config() -> ml_collections.ConfigDict:
             "match_pool": "mean",  # mean | max over the tokens: the video's matching embedding (phase 0)
             "word_evidence": False,  # the heads also read each prompt word's fit (depth-0 text; RewardModel docstring)
             "pixel_mlp": 0,  # > 0: hidden width of a nonlinear embedding of each token's pixels (RewardModel docstring)
+            "conv_stem": 0,  # > 0: channels of two 3x3 convolutions embedding each frame (RewardModel docstring)
             "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                        "num_attention_heads": 4, "image_size": 32, "patch_size": 4},
             "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4},

@@ -399,6 +399,55 @@ def test_pixel_mlp_tokens_embed_each_square_of_the_frame_and_its_difference():
         RewardModelConfig.tiny(pixel_mlp=-1)
 
 
+def test_conv_stem_tokens_embed_two_convolutions_of_the_frame_and_its_difference():
+    """conv_stem: token n of sampled frame t also gets PatchEmbed_{p/2}(gelu(conv_2(gelu(conv_1(y))))) of y = [x_t,
+    x[t+1] - x[t-1]], conv_1 3x3 stride 2, conv_2 3x3 stride 1, zero padding 1, checked against numpy sums over
+    every output pixel; the patch embedding starts at zero (a loaded model is unchanged); the tokens reach the
+    matching embedding and the scores."""
+    cfg = RewardModelConfig.tiny(num_frames=3, grid=GRID, frame_differences=True, conv_stem=5)
+    built = nnx.jit(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))().conv_stem  # one compile
+    assert not np.any(built.embed.kernel[...]) and not np.any(built.embed.bias[...])
+    c_in = 2 * cfg.vision.num_channels
+    assert built.kernel1[...].shape == (3, 3, c_in, 5) and built.kernel2[...].shape == (3, 3, 5, 5)
+    model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
+    stem = model.conv_stem
+    clip = jnp.asarray(np.random.default_rng(7).integers(0, 256, (2, 5, 32, 32, 3)), jnp.uint8)
+    x = np.asarray(model.sample_frames(clip))  # (2, 3, 28, 28, 3)
+    t, size, p = cfg.num_frames, cfg.image_size, cfg.vision.patch_size
+
+    def conv(y, kernel, bias, stride):  # y (B, S, S, C), zero padding 1, 3x3
+        padded = np.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        n = (y.shape[1] - 1) // stride + 1
+        out = np.zeros((y.shape[0], n, n, kernel.shape[-1]), np.float64)
+        for i in range(n):
+            for j in range(n):
+                window = padded[:, stride * i:stride * i + 3, stride * j:stride * j + 3]
+                out[:, i, j] = np.einsum("bklc,klcd->bd", window, kernel)
+        return np.asarray(jax.nn.gelu(jnp.asarray(out + bias, jnp.float32)))
+
+    params = [np.asarray(v[...]) for v in (stem.kernel1, stem.bias1, stem.kernel2, stem.bias2)]
+    w, b = np.asarray(stem.embed.kernel[...]), np.asarray(stem.embed.bias[...])
+    expected = np.asarray(model.proj_in(model.encode_pixels(jnp.asarray(x)))) + np.asarray(
+        model.difference_tokens(jnp.asarray(x)))
+    q, g = p // 2, size // p
+    for f in range(t):
+        y = np.concatenate([x[:, f], x[:, min(f + 1, t - 1)] - x[:, max(f - 1, 0)]], axis=-1)
+        h = conv(conv(y, params[0], params[1], 2), params[2], params[3], 1)  # (2, 14, 14, 5)
+        assert h.shape[1] == size // 2
+        for i in range(g):
+            for j in range(g):
+                square = h[:, i * q:(i + 1) * q, j * q:(j + 1) * q]
+                expected[:, f, i * g + j] += np.einsum("bklc,klcd->bd", square, w) + b
+    np.testing.assert_allclose(model.video_tokens(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
+    ids = jnp.asarray(np.random.default_rng(8).integers(0, cfg.text.vocab_size, (2, 8)))
+    scores, matched = model(clip, ids)["video"], model.match_video(clip)
+    stem.embed.kernel[...] = jnp.zeros_like(stem.embed.kernel[...])
+    assert not np.allclose(scores, model(clip, ids)["video"], atol=1e-3)
+    assert not np.allclose(matched, model.match_video(clip), atol=1e-4)
+    with pytest.raises(ValueError, match="needs an even vision.patch_size"):
+        RewardModelConfig.tiny(conv_stem=4, vision=SiglipVisionConfig.tiny(patch_size=7))
+
+
 def test_clipped_scores_stay_in_range_with_the_identity_gradient():
     """clip_scores: the value is clip(s, 1, 5), the gradient the identity's (straight-through), so a score
     beyond a bound still learns a label inside the range."""

@@ -65,7 +65,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 MATCHING_ONLY = ("logit_scale", "logit_bias")  # used by the matching logits alone
-MATCHING_PARAMS = ("vision", "text", "proj_in", "difference_embedding", "pixel_mlp", "text_proj", *MATCHING_ONLY)
+MATCHING_PARAMS = ("vision", "text", "proj_in", "difference_embedding", "pixel_mlp", "conv_stem",
+                   "text_proj", *MATCHING_ONLY)
 
 
 def phase_filter(cfg, phase: int):

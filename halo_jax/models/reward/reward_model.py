@@ -5,7 +5,7 @@
       -> resize each to the tower's image_size (bilinear, antialiased), (x - mean) / std
       -> SigLIP vision tower per frame: last hidden state, (B, T, Ht, Wt, Dv) patch tokens
       -> v = proj_in to width D (+ with frame_differences: PatchEmbed_d(x[t+1] - x[t-1]);
-             + with pixel_mlp: PixelMLP of each token's pixels; see below)
+             + with pixel_mlp: PixelMLP of each token's pixels; + with conv_stem: ConvStem of the frame; see below)
       -> v + learned frame-index embedding + learned spatial embedding
       -> `num_layers` temporal blocks over all T*Ht*Wt tokens, each
              x += SelfAttn(LN x);  x += CrossAttn(LN x, text);  x += MLP(LN x)
@@ -59,6 +59,12 @@ normalised frame (with `frame_differences`, of that frame and of x[t+1] - x[t-1]
 patch embedding of hidden width H next to the tower's linear one, fc2 initialised to zero (a loaded model
 starts unchanged). A ViT's patch embedding is linear in the pixels; outlines and the direction of an edge's
 movement are not, and a small tower finds them late or not at all (docs/architecture.md, "Pixel MLP").
+
+Conv stem (`conv_stem` = C > 0): every token also gets PatchEmbed_{p/2}(h) of h = gelu(conv_2(gelu(conv_1(x)))),
+conv_1 a 3x3 convolution of stride 2 and conv_2 one of stride 1 (zero padding 1, C channels each) of the sampled,
+normalised frame x (with `frame_differences`, of it and x[t+1] - x[t-1]); the patch embedding is initialised to
+zero (a loaded model starts unchanged). Its 3x3 receptive fields cross the tokens' borders, so an outline split
+between tokens still reaches each of them whole (docs/architecture.md, "Conv stem").
 
 Text conditioning is cross-attention to the text tokens in every temporal block (not FiLM):
 every video token can attend to the words that concern it, which is what a per-patch
@@ -162,6 +168,7 @@ class RewardModelConfig:
     match_pool: str = "mean"  # mean | max over the tokens: the video's matching embedding (module docstring)
     word_evidence: bool = False  # the heads also read each prompt word's fit against the vocabulary (module docstring)
     pixel_mlp: int = 0  # > 0: hidden width of a nonlinear embedding of each token's pixels (module docstring)
+    conv_stem: int = 0  # > 0: channels of a convolutional embedding of each frame (module docstring)
 
     def __post_init__(self):
         object.__setattr__(self, "grid", as_grid(self.grid))
@@ -185,6 +192,9 @@ class RewardModelConfig:
             raise ValueError(f"match_pool={self.match_pool!r}: use one of {MATCH_POOLS}")
         if self.pixel_mlp < 0:
             raise ValueError(f"pixel_mlp must be >= 0 (0: off), got {self.pixel_mlp}")
+        if self.conv_stem < 0 or (self.conv_stem and self.vision.patch_size % 2):
+            raise ValueError(f"conv_stem must be >= 0 (0: off) and needs an even vision.patch_size, got conv_stem="
+                             f"{self.conv_stem}, patch_size={self.vision.patch_size}")
         if self.word_evidence and self.text.num_hidden_layers != 0:
             raise ValueError(f"word_evidence needs a text tower of depth 0 (each token its word and position alone), "
                              f"this one has {self.text.num_hidden_layers} layers: set text.num_hidden_layers=0 or "
@@ -321,6 +331,32 @@ class PixelMLP(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(squares.reshape(*squares.shape[:2], -1))))
 
 
+class ConvStem(nnx.Module):
+    """PatchEmbed_{p/2}(gelu(conv_2(gelu(conv_1(x))))), conv_1 3x3 of stride 2, conv_2 3x3 of stride 1, zero padding 1,
+    the patch embedding zero-initialised: (N, S, S, C_in) -> (N, (S/p)^2, D) (module docstring, "Conv stem")."""
+
+    def __init__(self, patch: int, inputs: int, channels: int, dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None,
+                 param_dtype: Dtype = jnp.float32):
+        self.dtype = dtype
+        conv_init = param_init(nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3), None, None, None, None)
+        bias_init = param_init(nnx.initializers.zeros, None)
+        self.kernel1 = nnx.Param(conv_init(rngs.params(), (3, 3, inputs, channels), param_dtype))
+        self.bias1 = nnx.Param(bias_init(rngs.params(), (channels,), param_dtype))
+        self.kernel2 = nnx.Param(conv_init(rngs.params(), (3, 3, channels, channels), param_dtype))
+        self.bias2 = nnx.Param(bias_init(rngs.params(), (channels,), param_dtype))
+        self.embed = PatchEmbed(patch // 2, channels, dim, kernel_init=nnx.initializers.zeros, rngs=rngs, dtype=dtype,
+                                param_dtype=param_dtype)
+
+    def _conv(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param, stride: int) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        y = jax.lax.conv_general_dilated(x.astype(dtype), kernel[...].astype(dtype), (stride, stride), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.gelu(y + bias[...].astype(dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.embed(self._conv(self._conv(x, self.kernel1, self.bias1, 2), self.kernel2, self.bias2, 1))
+
+
 def clip_to_label_range(s: jax.Array) -> jax.Array:
     """Forward value clip(s, SCORE_MIN, SCORE_MAX), gradient the identity's (straight-through).
 
@@ -365,6 +401,9 @@ class RewardModel(nnx.Module):
         if cfg.pixel_mlp:
             inputs = cfg.vision.patch_size ** 2 * cfg.vision.num_channels * (2 if cfg.frame_differences else 1)
             self.pixel_mlp = PixelMLP(cfg.vision.patch_size, inputs, cfg.pixel_mlp, d, **kw)
+        if cfg.conv_stem:
+            inputs = cfg.vision.num_channels * (2 if cfg.frame_differences else 1)
+            self.conv_stem = ConvStem(cfg.vision.patch_size, inputs, cfg.conv_stem, d, **kw)
         self.temporal = stacked(cfg.num_layers, lambda r: TemporalBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
@@ -420,15 +459,18 @@ class RewardModel(nnx.Module):
         return tokens.reshape(*x.shape[:2], *tokens.shape[1:])
 
     def video_tokens(self, x: jax.Array) -> jax.Array:
-        """Sampled frames (B, T, S, S, C) -> v = proj_in(vision tokens) (+ difference tokens, + pixel-MLP tokens):
-        (B, T, Ht*Wt, D)."""
+        """Sampled frames (B, T, S, S, C) -> v = proj_in(vision tokens) (+ difference tokens, + pixel-MLP tokens,
+        + conv-stem tokens): (B, T, Ht*Wt, D)."""
+        cfg = self.config
         v = self.proj_in(self.encode_pixels(x))
-        diff = frame_differences(x) if self.config.frame_differences else None
+        diff = frame_differences(x) if cfg.frame_differences else None
         if diff is not None:
             v = v + self._per_frame(self.difference_embedding, diff).astype(v.dtype)
-        if self.config.pixel_mlp:
-            pixels = x if diff is None else jnp.concatenate([x, diff], axis=-1)
+        pixels = x if diff is None else jnp.concatenate([x, diff], axis=-1)
+        if cfg.pixel_mlp:
             v = v + self._per_frame(self.pixel_mlp, pixels).astype(v.dtype)
+        if cfg.conv_stem:
+            v = v + self._per_frame(self.conv_stem, pixels).astype(v.dtype)
         return v
 
     def difference_tokens(self, x: jax.Array) -> jax.Array:
