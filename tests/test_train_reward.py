@@ -122,8 +122,8 @@ def test_resumed_phase_ends_equal_to_an_uninterrupted_one(trained, tmp_path):
 
 def test_phase0_matching_trains_the_towers_and_phase1_continues_it(tmp_path):
     """Phase 0 (video-text matching) learns to pick a held-out video's prompt above chance, changes only
-    the towers, their projections (the difference embedding, pixel MLP and conv stem too) and the logit scale and bias; phase 1
-    records the phase 0 it continues."""
+    the towers, their projections (the difference embedding, pixel MLP and conv stem too) and the logit scale
+    and bias; phase 1 records the phase 0 it continues."""
     config = make_config(phase1_steps=2, phase2_steps=0)
     config.reward.model.update(frame_differences=True, pixel_mlp=8, conv_stem=4)
     config.reward.synthetic_videos = 200

@@ -398,12 +398,12 @@ class RewardModel(nnx.Module):
         if cfg.frame_differences:
             self.difference_embedding = PatchEmbed(cfg.vision.patch_size, cfg.vision.num_channels, d,
                                                    kernel_init=nnx.initializers.zeros, **kw)
+        pixel_channels = cfg.vision.num_channels * (2 if cfg.frame_differences else 1)  # `video_tokens`' pixels
         if cfg.pixel_mlp:
-            inputs = cfg.vision.patch_size ** 2 * cfg.vision.num_channels * (2 if cfg.frame_differences else 1)
-            self.pixel_mlp = PixelMLP(cfg.vision.patch_size, inputs, cfg.pixel_mlp, d, **kw)
+            self.pixel_mlp = PixelMLP(cfg.vision.patch_size, cfg.vision.patch_size ** 2 * pixel_channels, cfg.pixel_mlp,
+                                      d, **kw)
         if cfg.conv_stem:
-            inputs = cfg.vision.num_channels * (2 if cfg.frame_differences else 1)
-            self.conv_stem = ConvStem(cfg.vision.patch_size, inputs, cfg.conv_stem, d, **kw)
+            self.conv_stem = ConvStem(cfg.vision.patch_size, pixel_channels, cfg.conv_stem, d, **kw)
         self.temporal = stacked(cfg.num_layers, lambda r: TemporalBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
@@ -466,11 +466,12 @@ class RewardModel(nnx.Module):
         diff = frame_differences(x) if cfg.frame_differences else None
         if diff is not None:
             v = v + self._per_frame(self.difference_embedding, diff).astype(v.dtype)
-        pixels = x if diff is None else jnp.concatenate([x, diff], axis=-1)
-        if cfg.pixel_mlp:
-            v = v + self._per_frame(self.pixel_mlp, pixels).astype(v.dtype)
-        if cfg.conv_stem:
-            v = v + self._per_frame(self.conv_stem, pixels).astype(v.dtype)
+        if cfg.pixel_mlp or cfg.conv_stem:
+            pixels = x if diff is None else jnp.concatenate([x, diff], axis=-1)
+            if cfg.pixel_mlp:
+                v = v + self._per_frame(self.pixel_mlp, pixels).astype(v.dtype)
+            if cfg.conv_stem:
+                v = v + self._per_frame(self.conv_stem, pixels).astype(v.dtype)
         return v
 
     def difference_tokens(self, x: jax.Array) -> jax.Array:
