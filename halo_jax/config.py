@@ -204,7 +204,10 @@ def reward_config() -> ml_collections.ConfigDict:
             "head_pool": "mean",  # mean | mean_max: the heads read the mean (and max) of their tokens
             "clip_scores": False,  # scores clipped to [1, 5], straight-through gradient (RewardModel docstring)
             "frame_differences": False,  # tokens also embed x[t+1] - x[t-1], a motion cue (RewardModel docstring)
-            "match_pool": "mean",  # mean | max over the tokens: the video's matching embedding (phase 0)
+            "match_pool": "mean",  # mean | max over the tokens | phrases: how videos and prompts match (phase 0)
+            # with match_pool="phrases": the words that end a phrase, at most how many phrases, the k x k tokens
+            # a token matches with (RewardModel)
+            "phrase_separators": (), "max_phrases": 4, "phrase_window": 1,
             "word_evidence": False,  # the heads also read each prompt word's fit (depth-0 text; RewardModel docstring)
             "pixel_mlp": 0,  # > 0: hidden width of a nonlinear embedding of each token's pixels (RewardModel docstring)
             "conv_stem": 0,  # > 0: channels of two 3x3 convolutions embedding each frame (RewardModel docstring)

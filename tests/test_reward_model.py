@@ -13,8 +13,10 @@ from halo_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder, 
 from halo_jax.models.reward.reward_model import RewardModel, RewardModelConfig, clip_to_label_range, pool_tokens
 from halo_jax.models.reward.siglip import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
 from halo_jax.models.reward.siglip_params import export_siglip
+from halo_jax.models.text import build_word_tokenizer
 from halo_jax.models.reward.towers import TOWER_LORA_TARGETS, apply_tower_lora, load_towers, trainable_filter
 from halo_jax.reward import losses
+from halo_jax.reward.model_io import model_config
 
 GRID = (2, 2, 3)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # these tests check shapes and gradient flow, not speed
@@ -230,8 +232,7 @@ def test_match_features_are_the_matching_probabilities_of_video_and_cells():
     mask = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])
     cells = cfg.token_cell_map(frames.shape[1:4])
     v = model.video_tokens(model.sample_frames(frames))
-    views = model._matching_views(v, cells)
-    features = model._match_features(views, model.encode_text(ids), mask)
+    features = model._match_features(v, cells, model.encode_text(ids), model.text_groups(ids, mask))
     video, cell = features[:, 0], features[:, 1:].reshape(2, *GRID, 1)
     sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     np.testing.assert_allclose(np.asarray(video[:, 0]), sig(np.diag(np.asarray(model.match_logits(frames, ids, mask)))),
@@ -263,9 +264,9 @@ def test_word_evidence_is_each_words_log_softmax_among_the_vocabulary_in_its_pla
     frames = jnp.asarray(rng.randint(0, 256, (2, 5, 35, 42, 3)).astype(np.uint8))
     ids = rng.randint(0, 7, (2, 6))
     mask = np.array([[1] * 6, [1] * 4 + [0] * 2])
-    views = model._matching_views(model.video_tokens(model.sample_frames(frames)), cfg.token_cell_map((5, 35, 42)))
-    got = np.asarray(model._word_evidence(views, model.encode_text(jnp.asarray(ids)), jnp.asarray(mask),
-                                          jnp.asarray(ids)))
+    v, cells = model.video_tokens(model.sample_frames(frames)), cfg.token_cell_map((5, 35, 42))
+    ids_, mask_ = jnp.asarray(ids), jnp.asarray(mask)
+    got = np.asarray(model._word_evidence(v, cells, model.encode_text(ids_), model.text_groups(ids_, mask_), ids_))
     assert got.shape == (2, 1 + math.prod(GRID), text.max_position_embeddings)
     scale, bias = math.exp(float(model.logit_scale[...][0])), float(model.logit_bias[...][0])
     for b in range(2):
@@ -274,8 +275,9 @@ def test_word_evidence_is_each_words_log_softmax_among_the_vocabulary_in_its_pla
                 continue
             swapped = np.repeat(ids[b:b + 1], 7, axis=0)
             swapped[:, s] = np.arange(7)
-            t = np.asarray(model.match_text(jnp.asarray(swapped), jnp.asarray(np.repeat(mask[b:b + 1], 7, axis=0))))
-            logits = scale * np.asarray(views[b], np.float64) @ t.T.astype(np.float64) + bias  # (K, V)
+            t = model.match_text(jnp.asarray(swapped), jnp.asarray(np.repeat(mask[b:b + 1], 7, axis=0)))[:, 0]
+            cosines = model._view_cosines(v[b:b + 1], cells, t[None])[0]  # the views' (test above) with each (K, V)
+            logits = scale * np.asarray(cosines, np.float64) + bias
             expected = logits[:, ids[b, s]] - np.log(np.exp(logits).sum(-1))
             np.testing.assert_allclose(got[b, :, s], expected, rtol=1e-4, atol=1e-5)
     assert not got[1, :, 4:].any() and not got[:, :, 6:].any()
@@ -295,6 +297,71 @@ def test_word_evidence_is_each_words_log_softmax_among_the_vocabulary_in_its_pla
         assert head.fc1.kernel[...].shape[0] == cfg.width + text.max_position_embeddings
     with pytest.raises(ValueError, match="word_evidence needs a text tower of depth 0"):
         RewardModelConfig.tiny(word_evidence=True)
+
+
+def test_phrase_matching_finds_each_phrase_whole_in_one_token(tmp_path):
+    """match_pool="phrases": prompts cut at separator tokens (a fourth phrase joins the third); the logits, match
+    features and word evidence checked by brute force in float64 (rel. 1e-4): the mean over a prompt's phrases of
+    the best token's cosine with the phrase's unit mean, a word swapped within its own phrase."""
+    text = SiglipTextConfig.tiny(num_hidden_layers=0, vocab_size=9)
+    cfg = RewardModelConfig.tiny(num_frames=5, grid=GRID, text=text, match_pool="phrases", separator_ids=(7, 8),
+                                 max_phrases=3, match_features=True, word_evidence=True)
+    model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
+    frames = jnp.asarray(np.random.RandomState(5).randint(0, 256, (2, 5, 35, 42, 3)).astype(np.uint8))
+    ids = np.array([[1, 2, 3, 7, 4, 5, 8, 6, 2, 0], [1, 2, 8, 3, 4, 7, 5, 6, 7, 2]])
+    mask = np.array([[1] * 9 + [0], [1] * 10])
+    phrase_of = np.array([[0, 0, 0, -1, 1, 1, -1, 2, 2, -1], [0, 0, -1, 1, 1, -1, 2, 2, -1, 2]])  # -1: in none
+    groups = np.asarray(model.text_groups(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_array_equal(groups, (phrase_of[..., None] == np.arange(3)).astype(np.float32))
+
+    v, cells = model.video_tokens(model.sample_frames(frames)), cfg.token_cell_map((5, 35, 42))
+    u = np.asarray(v, np.float64).reshape(2, -1, cfg.width)
+    u /= np.linalg.norm(u, axis=-1, keepdims=True)
+    member = brute_force_cells((5, 35, 42), cfg.frame_indices(5), cfg.vision.grid, GRID).reshape(-1, 3)
+    views = [np.ones(len(member), bool)] + [np.all(member == c, axis=-1) for c in np.ndindex(*GRID)]
+    scale, bias = math.exp(float(model.logit_scale[...][0])), float(model.logit_bias[...][0])
+
+    def phrase_units(tokens, row):  # (S, D) text tokens -> (3, D) unit phrase means of prompt `row`'s phrases
+        t = np.stack([tokens[phrase_of[row] == p].mean(0) for p in range(3)])
+        return t / np.linalg.norm(t, axis=-1, keepdims=True)
+
+    tokens = np.asarray(model.encode_text(jnp.asarray(ids)), np.float64)
+    t = [phrase_units(tokens[j], j) for j in range(2)]
+    expected = np.array([[scale * np.mean((u[i] @ t[j].T).max(0)) + bias for j in range(2)] for i in range(2)])
+    np.testing.assert_allclose(model.match_logits(frames, jnp.asarray(ids), jnp.asarray(mask)), expected, rtol=1e-4)
+    features = model._match_features(v, cells, model.encode_text(jnp.asarray(ids)), jnp.asarray(groups))
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    for b in range(2):
+        want = np.stack([sig(scale * (u[b][view] @ t[b].T).max(0) + bias) for view in views])  # (1 + C, 3)
+        np.testing.assert_allclose(features[b], want, rtol=1e-4)
+
+    evidence = np.asarray(model._word_evidence(v, cells, model.encode_text(jnp.asarray(ids)), jnp.asarray(groups),
+                                               jnp.asarray(ids)))
+    for b in range(2):
+        for s in np.flatnonzero(phrase_of[b] >= 0):
+            swapped = np.repeat(ids[b:b + 1], 9, axis=0)
+            swapped[:, s] = np.arange(9)
+            words = np.asarray(model.encode_text(jnp.asarray(swapped)), np.float64)[:, phrase_of[b] == phrase_of[b, s]]
+            ts = words.mean(1) / np.linalg.norm(words.mean(1), axis=-1, keepdims=True)  # (V, D)
+            logits = np.stack([scale * (u[b][view] @ ts.T).max(0) + bias for view in views])  # (1 + C, V)
+            want = logits[:, ids[b, s]] - np.log(np.exp(logits).sum(-1))
+            np.testing.assert_allclose(evidence[b, :, s], want, rtol=1e-4, atol=1e-5)
+    assert not evidence[:, :, 10:].any() and not evidence[:, :, :10].transpose(0, 2, 1)[phrase_of < 0].any()
+    fit = model.word_fit(model.match_video(frames), jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(fit), evidence[:, 0, :10], rtol=1e-5, atol=1e-6)
+    for head in (model.video_head, model.patch_head):  # tokens' mean + one feature per phrase + word evidence
+        assert head.fc1.kernel[...].shape[0] == cfg.width + 3 + text.max_position_embeddings
+    assert model(frames, jnp.asarray(ids), jnp.asarray(mask))["patch"].shape == (2, len(cfg.aspects), *GRID)
+
+    # the stage's config names separator words; the run's tokenizer gives their ids
+    tokenizer = build_word_tokenizer(["a red circle and a blue square on a black background"], tmp_path / "tok")
+    section = {"match_pool": "phrases", "phrase_separators": ("and", "on"), "text": {"num_hidden_layers": 0}}
+    made = model_config(section, cfg.aspects, GRID, tokenizer=tokenizer)
+    assert made.separator_ids == tuple(tokenizer.convert_tokens_to_ids(["and", "on"]))
+    with pytest.raises(ValueError, match="'beside' is not one known token"):
+        model_config({**section, "phrase_separators": ("beside",)}, cfg.aspects, GRID, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="max_phrases must be >= 1 and phrase_window"):
+        RewardModelConfig.tiny(max_phrases=0)
 
 
 def test_mean_max_heads_read_the_mean_and_the_max_of_their_tokens(monkeypatch):
@@ -357,7 +424,7 @@ def test_frame_difference_tokens_embed_the_change_around_each_frame():
     v = np.asarray(model.proj_in(model.encode_pixels(jnp.asarray(x)))) + got
     np.testing.assert_allclose(model.video_tokens(jnp.asarray(x)), v, rtol=1e-5, atol=1e-5)
     pooled = v.max(axis=(1, 2))
-    np.testing.assert_allclose(model.match_video(moving), pooled / np.linalg.norm(pooled, axis=-1, keepdims=True),
+    np.testing.assert_allclose(model.match_video(moving)[:, 0], pooled / np.linalg.norm(pooled, axis=-1, keepdims=True),
                                rtol=1e-5, atol=1e-6)
     still = model.sample_frames(jnp.repeat(moving[:, :1], 6, axis=1))
     assert not np.any(model.difference_tokens(still))

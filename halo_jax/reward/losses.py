@@ -18,8 +18,9 @@ video against every prompt of the batch, with z_ij = +1 when videos i and j shar
     matching        L_m    = sum_i w_i sum_j w_j softplus(-z_ij L_ij) / sum_i w_i
     word            L_w    = -sum_i w_i sum_s m_is log softmax_u L(v_i, t_i^(s<-u))[u = word_is] / sum_i w_i sum_s m_is
 
-(L_w, weight `word`, text towers of depth 0 only: for every token s of video i's prompt, m_is its text
-mask, the prompt's own word against every vocabulary word u put in its place, `RewardModel.word_fit`: a
+(L_ij from `models/reward/matching.py`'s cosines of the videos' and prompts' matching vectors; L_w, weight
+`word`, text towers of depth 0 only: for every token s of video i's prompt, m_is its text mask (0 also at
+phrase separators), the prompt's own word against every vocabulary word u put in its place, `RewardModel.word_fit`: a
 softmax over the words, so a shape word must beat the other shapes for the same video, which in-batch
 prompts of other colours never ask; phase 0 minimises L_m + w_word L_w.)
 
@@ -54,6 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from halo_jax.config import check_fields
+from halo_jax.models.reward.matching import match_cosines
 from halo_jax.teachers.base import SCORE_MAX, SCORE_MIN
 
 BOUND_BAND = 1.0  # width of the band of raw scores that meets a label at a bound (module docstring)
@@ -199,11 +201,11 @@ def matching_terms(model, batch: Mapping[str, jax.Array], word: float = 0.0) -> 
         col_groups = jnp.concatenate([col_groups, batch["negative_group"].reshape(n * k)])
         col_weight = jnp.concatenate([valid, (batch["negative_valid"] * valid[:, None]).reshape(n * k)])
     video = model.match_video(batch["frames"])  # one pass of the towers for both terms
-    logits = model.scaled(video @ model.match_text(ids, mask).T)
+    logits = model.scaled(match_cosines(video, model.match_text(ids, mask)))
     loss, accuracy = matching_loss(logits, batch["group"], valid, col_groups, col_weight)
     metrics = {"matching": loss, "match_accuracy": accuracy}
     if word > 0:
-        tokens = batch["text_mask"].astype(jnp.float32) * valid[:, None]
+        tokens = model.text_groups(batch["input_ids"], batch["text_mask"]).sum(-1) * valid[:, None]  # m_is
         fit = model.word_fit(video, batch["input_ids"], batch["text_mask"])
         metrics["word"] = -jnp.sum(fit * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
         loss = loss + word * metrics["word"]

@@ -100,31 +100,47 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int) -> dict[st
 
 
 def model_config(section: Mapping[str, Any], aspects: Sequence[str], grid: Sequence[int], *, siglip_path: str = "",
-                 vocab_size: int | None = None, text_max_length: int | None = None) -> RewardModelConfig:
+                 tokenizer: Any = None, text_max_length: int | None = None) -> RewardModelConfig:
     """`RewardModelConfig` from a `reward.model` config section (+ the run's aspects and grid).
 
     `section["vision"]` / `section["text"]` (transformers field names) define the random towers
     when there is no `siglip_path`; the text tower's vocabulary and positions then follow the
-    tokenizer (`vocab_size`) and `text_max_length`.
+    `tokenizer` and `text_max_length`. `section["phrase_separators"]` (words) become the model's
+    `separator_ids` through the tokenizer.
     """
-    kw = {k: v for k, v in dict(section).items() if k not in ("vision", "text")}
+    kw = {k: v for k, v in dict(section).items() if k not in ("vision", "text", "phrase_separators")}
     for key in ("mean", "std"):
         if key in kw:
             kw[key] = tuple(kw[key])
     kw.update(aspects=tuple(aspects), grid=tuple(int(g) for g in grid))
+    separators = tuple(section.get("phrase_separators") or ())
+    if separators:
+        if tokenizer is None:
+            raise ValueError("reward.model.phrase_separators needs the run's tokenizer to find their token ids")
+        kw["separator_ids"] = tuple(separator_id(tokenizer, w) for w in separators)
     try:
         if siglip_path:
             return RewardModelConfig.from_siglip_folder(siglip_path, **kw)
         vision = SiglipVisionConfig(**dict(section.get("vision") or {}))
         text_kw = dict(section.get("text") or {})
-        if vocab_size is not None:
-            text_kw["vocab_size"] = int(vocab_size)
+        if tokenizer is not None:
+            text_kw["vocab_size"] = len(tokenizer)
         if text_max_length is not None:
             text_kw["max_position_embeddings"] = int(text_max_length)
         return RewardModelConfig(vision=vision, text=SiglipTextConfig(**text_kw), **kw)
     except TypeError as e:
         raise ValueError(f"reward.model: {e}; the fields are those of RewardModelConfig (and of the SigLIP vision/text "
                          "configs under vision/text)") from None
+
+
+def separator_id(tokenizer: Any, word: str) -> int:
+    """The one token id of `word` (a phrase separator); ValueError when the tokenizer splits it or lacks it."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if len(ids) != 1 or ids[0] == unknown:
+        raise ValueError(f"reward.model.phrase_separators: {word!r} is not one known token of the tokenizer (ids "
+                         f"{ids}); use words the tokenizer keeps whole, e.g. 'and'")
+    return int(ids[0])
 
 
 def create_model(cfg: RewardModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, seed: int = 0,

@@ -33,6 +33,7 @@ from flax import nnx
 from halo_jax.config import ConfigError
 from halo_jax.data import shapes
 from halo_jax.models.reward import trainable_filter
+from halo_jax.models.reward.matching import match_cosines
 from halo_jax.parallel import distributed, mesh as mesh_lib
 from halo_jax.parallel.sharding import batch_sharding
 from halo_jax.reward import data as rdata
@@ -297,16 +298,18 @@ def evaluate_matching(model, tokenizer, text_max_length: int, held: rdata.Reward
             contrasts[i] = [e.prompt, *changed]
     altered = {p for group in contrasts.values() for p in group[1:]}
     tokens = {**tokenize(tokenizer, sorted(altered), text_max_length), **{p: held.tokens[p] for p in prompts}}
-    videos, texts = match_embeddings(model, held, tokens, int(config.reward.eval_batch_size))
+    size = int(config.reward.eval_batch_size)
+    videos, texts = match_embeddings(model, held, tokens, size)
 
-    cosines = videos @ np.stack([texts[p] for p in prompts]).T
+    cosines = pairwise_cosines(videos, np.stack([texts[p] for p in prompts]), size)
     own = np.array([prompts.index(e.prompt) for e in held.examples])
     is_own = np.arange(len(prompts))[None, :] == own[:, None]
     report = {"retrieval_top1": float(np.mean(np.argmax(cosines, axis=1) == own)), "chance": 1.0 / len(prompts),
               "match_auroc": float(auroc(cosines.ravel(), is_own.ravel())),
               "counts": {"videos": len(held), "prompts": len(prompts)}}
     if contrasts:
-        mine = np.array([[videos[i] @ texts[p] for p in group] for i, group in contrasts.items()])
+        mine = np.array([pairwise_cosines(videos[i:i + 1], np.stack([texts[p] for p in group]), size)[0]
+                         for i, group in contrasts.items()])
         wins = (mine[:, :1] > mine[:, 1:]) + 0.5 * (mine[:, :1] == mine[:, 1:])
         report["attributes"] = {**{a: float(w) for a, w in zip(shapes.ATTRIBUTES, wins.mean(axis=0))},
                                 "videos": len(contrasts)}
@@ -314,8 +317,9 @@ def evaluate_matching(model, tokenizer, text_max_length: int, held: rdata.Reward
 
 
 def match_embeddings(model, held: rdata.RewardData, tokens: dict, size: int):
-    """Unit matching embeddings of all of `held`'s videos, (N, D), and of the prompts of `tokens` ({prompt:
-    (ids, mask)}), {prompt: (D,)}: jitted, in batches of `size` (the last one padded: one compile each)."""
+    """Matching vectors of all of `held`'s videos, (N, M, D), and of the prompts of `tokens` ({prompt: (ids,
+    mask)}), {prompt: (P, D)} (`models/reward/matching.py`): jitted, in batches of `size` (the last one padded:
+    one compile each)."""
     import numpy as np
 
     def batched(fn, n: int):
@@ -332,6 +336,14 @@ def match_embeddings(model, held: rdata.RewardData, tokens: dict, size: int):
     texts = batched(lambda idx: text_fn(model, np.stack([tokens[prompts[i]][0] for i in idx]),
                                         np.stack([tokens[prompts[i]][1] for i in idx])), len(prompts))
     return videos, dict(zip(prompts, texts))
+
+
+def pairwise_cosines(videos, texts, size: int):
+    """`matching.match_cosines` of videos (N, M, D) and prompts (K, P, D) as numpy (N, K), in batches of `size`
+    videos."""
+    import numpy as np
+
+    return np.concatenate([np.asarray(match_cosines(videos[s:s + size], texts)) for s in range(0, len(videos), size)])
 
 
 def format_matching(report: dict, title: str) -> str:
@@ -467,7 +479,7 @@ def run(config, workdir: str) -> Path:
         make_tokenizer(r.siglip_path, root / "tokenizer", prompts, max_length or 64)
     distributed.barrier("train_reward-tokenizer")
     tokenizer = make_tokenizer(r.siglip_path, root / "tokenizer", prompts, max_length or 64)
-    cfg = model_config(r.model, aspects, grid, siglip_path=r.siglip_path, vocab_size=len(tokenizer),
+    cfg = model_config(r.model, aspects, grid, siglip_path=r.siglip_path, tokenizer=tokenizer,
                        text_max_length=max_length or None)
     max_length = max_length or cfg.text.max_position_embeddings
     if max_length > cfg.text.max_position_embeddings:

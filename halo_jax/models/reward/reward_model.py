@@ -27,24 +27,28 @@ regression), while a score beyond the bound with a label inside the range still 
 of its clipped error.
 
 Video-text matching (phase 0 of `train_reward`, the towers' own SigLIP-style pretraining where
-no pretrained SigLIP can be loaded): `match_logits` L_ij = exp(logit_scale) cos(v_i, t_j) +
-logit_bias, with v_i = the mean (`match_pool="max"`: the elementwise max) over the sampled frames
-and patches of the tokens v above and t_j = the mean of text_proj(text tokens) over the unmasked
-tokens (logit_scale, logit_bias start at log 10 and -10, as SigLIP's). Without frame differences
-v_i sees colours, shapes and background, not motion. With `match_features` the heads also read
-the matching probability sigmoid(L) of the video with its own prompt: the video head gets
-sigmoid(L(v, t)) appended to the mean token, the patch head gets sigmoid(L(v_c, t)) appended to
-cell c's token mean, where v_c pools the tokens v over the cell as v_i pools the clip's (a direct
-text-alignment signal once phase 0 has aligned the towers).
+no pretrained SigLIP can be loaded): `match_logits` L_ij = exp(logit_scale) cos(i, j) + logit_bias
+(logit_scale, logit_bias start at log 10 and -10, as SigLIP's), cos(i, j) from `matching.py`: with
+`match_pool` "mean" ("max") the cosine of the mean (elementwise max) over the sampled frames and
+patches of the tokens v above with the mean of text_proj(text tokens) over the unmasked tokens; with
+"phrases" the mean over the prompt's phrases (cut at `separator_ids`) of the best token's cosine with
+the phrase. Without frame differences v sees colours, shapes and background, not motion. With
+`match_features` the heads also read the matching probability sigmoid(L) of the video with its own
+prompt: the video head gets sigmoid(L(v, t)) appended to the mean token, the patch head gets
+sigmoid(L(v_c, t)) appended to cell c's token mean, where v_c pools the tokens v over the cell as
+v_i pools the clip's (a direct text-alignment signal once phase 0 has aligned the towers); with
+"phrases" one value per phrase slot (`max_phrases`, 0 for a phrase the prompt lacks), each the
+max over the view's tokens.
 
 Word evidence (`word_evidence`, needs a text tower of depth 0): for every prompt token s the heads also
 read log softmax_w L(v, t^(s<-w)) at w = the prompt's own word, where t^(s<-w) is the text embedding with
-token s replaced by vocabulary word w (v = v_i for the video head, v_c for cell c's): how much better the
-prompt's word fits the video than every other word would in its place (0 at padding; P =
+token s replaced by vocabulary word w (v = v_i for the video head, v_c for cell c's; with "phrases" the
+embedding of token s's phrase and the max over the view's tokens): how much better the prompt's word
+fits the video than every other word would in its place (0 at padding and separators; P =
 max_position_embeddings values, padded with 0). The matching probability's level varies from video to
 video; this per-word comparison does not. At depth 0 a token's output depends on its word and position
-alone, so with A[w, s] the output of word w at position s and n the prompt's unmasked tokens,
-t^(s<-w) = unit(m + (A[w, s] - T_s) / n), m their mean: exact, O(B S V D) memory for a vocabulary of V.
+alone, so t^(s<-w) is exact in closed form (`matching.swapped_embeddings`), O(B S V D) memory for a
+vocabulary of V.
 
 Frame differences (`frame_differences`): the towers see one frame at a time, so motion is left to the
 temporal blocks, which must find the object in every frame and compare positions. With this option
@@ -100,6 +104,7 @@ from flax import nnx
 from halo_jax.align.patches import CellMap, as_grid, pool_cells
 from halo_jax.config import check_fields
 from halo_jax.convert.safetensors_io import read_config
+from halo_jax.models.reward import matching
 from halo_jax.models.reward.siglip import (
     MLP,
     Attention,
@@ -121,7 +126,7 @@ from halo_jax.teachers.base import SCORE_MAX, SCORE_MIN
 Dtype = Any
 DEFAULT_ASPECTS = ("visual_quality", "temporal_consistency", "text_alignment")
 HEAD_POOLS = ("mean", "mean_max")
-MATCH_POOLS = ("mean", "max")
+MATCH_POOLS = ("mean", "max", "phrases")
 
 
 def parse_tuning(mode: str, depth: int, what: str) -> tuple[str, int]:
@@ -165,7 +170,10 @@ class RewardModelConfig:
     head_pool: str = "mean"  # mean | mean_max: what the heads read of their tokens (module docstring)
     clip_scores: bool = False  # scores clipped to [1, 5] with a straight-through gradient (module docstring)
     frame_differences: bool = False  # tokens also embed x[t+1] - x[t-1] (module docstring)
-    match_pool: str = "mean"  # mean | max over the tokens: the video's matching embedding (module docstring)
+    match_pool: str = "mean"  # mean | max over the tokens | phrases: how video and prompt are matched (matching.py)
+    separator_ids: tuple[int, ...] = ()  # with match_pool="phrases": token ids that end a phrase ("and", "on")
+    max_phrases: int = 4  # with match_pool="phrases": phrases past this join the last
+    phrase_window: int = 1  # with match_pool="phrases": each token's matching vector is the max over k x k tokens
     word_evidence: bool = False  # the heads also read each prompt word's fit against the vocabulary (module docstring)
     pixel_mlp: int = 0  # > 0: hidden width of a nonlinear embedding of each token's pixels (module docstring)
     conv_stem: int = 0  # > 0: channels of a convolutional embedding of each frame (module docstring)
@@ -175,6 +183,7 @@ class RewardModelConfig:
         object.__setattr__(self, "aspects", tuple(self.aspects))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        object.__setattr__(self, "separator_ids", tuple(int(i) for i in self.separator_ids))
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if not self.aspects or len(set(self.aspects)) != len(self.aspects):
@@ -190,6 +199,9 @@ class RewardModelConfig:
             raise ValueError(f"head_pool={self.head_pool!r}: use one of {HEAD_POOLS}")
         if self.match_pool not in MATCH_POOLS:
             raise ValueError(f"match_pool={self.match_pool!r}: use one of {MATCH_POOLS}")
+        if self.max_phrases < 1 or not 1 <= self.phrase_window <= self.vision.grid:
+            raise ValueError(f"max_phrases must be >= 1 and phrase_window in 1..{self.vision.grid} (tokens per side), "
+                             f"got {self.max_phrases} and {self.phrase_window}")
         if self.pixel_mlp < 0:
             raise ValueError(f"pixel_mlp must be >= 0 (0: off), got {self.pixel_mlp}")
         if self.conv_stem < 0 or (self.conv_stem and self.vision.patch_size % 2):
@@ -238,7 +250,7 @@ class RewardModelConfig:
             kw["vision"] = SiglipVisionConfig.from_transformers_config(kw["vision"])
         if "text" in kw:
             kw["text"] = SiglipTextConfig.from_transformers_config(kw["text"])
-        for key in ("mean", "std", "aspects", "grid"):
+        for key in ("mean", "std", "aspects", "grid", "separator_ids"):
             if key in kw:
                 kw[key] = tuple(kw[key])
         return cls(**kw)
@@ -255,26 +267,6 @@ class RewardModelConfig:
                   num_heads=4, head_hidden=16, grid=(2, 2, 2))
         kw.update(overrides)
         return cls(**kw)
-
-
-def _unit(x: jax.Array) -> jax.Array:
-    """x / |x| over the last axis, float32."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _text_mean(text: jax.Array, text_mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Mean m of text tokens (B, S, D) over the unmasked ones (B, D), the token weights w (B, S) (1 = token,
-    0 = padding) and their count n = max(sum w, 1) (B,); float32."""
-    w = jnp.ones(text.shape[:2]) if text_mask is None else (jnp.asarray(text_mask) != 0)
-    w = w.astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(w, axis=1), 1.0)
-    return jnp.sum(text.astype(jnp.float32) * w[..., None], axis=1) / n[:, None], w, n
-
-
-def _text_embedding(text: jax.Array, text_mask: jax.Array | None) -> jax.Array:
-    """Unit mean of text tokens (B, S, D) over the unmasked ones: (B, D), float32."""
-    return _unit(_text_mean(text, text_mask)[0])
 
 
 def _pool_clip(v: jax.Array, reduce: str) -> jax.Array:
@@ -407,7 +399,8 @@ class RewardModel(nnx.Module):
         self.temporal = stacked(cfg.num_layers, lambda r: TemporalBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
-        head_in = (d * (2 if cfg.head_pool == "mean_max" else 1) + int(cfg.match_features)
+        phrases = cfg.max_phrases if cfg.match_pool == "phrases" else 1
+        head_in = (d * (2 if cfg.head_pool == "mean_max" else 1) + phrases * int(cfg.match_features)
                    + cfg.text.max_position_embeddings * int(cfg.word_evidence))
         self.video_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
         self.patch_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
@@ -486,57 +479,88 @@ class RewardModel(nnx.Module):
 
     def match_logits(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
         """Video-text logits (B videos, B' prompts), float32 (module docstring)."""
-        return self.scaled(self.match_video(frames) @ self.match_text(input_ids, text_mask).T)
+        return self.scaled(matching.match_cosines(self.match_video(frames), self.match_text(input_ids, text_mask)))
 
     def match_video(self, frames: jax.Array) -> jax.Array:
-        """Unit matching embedding v_i / |v_i| of each clip (B, F, H, W, C): (B, D), float32."""
-        return _unit(_pool_clip(self.video_tokens(self.sample_frames(frames)), self.config.match_pool))
-
-    def word_fit(self, video: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
-        """log softmax_w L(v_i, t_i^(s<-w)) at each prompt token's own word, for clips' matching embeddings
-        v_i = `match_video` (B, D) and their prompts (B, S): (B, S), 0 at padding; needs a text tower of depth 0
-        (`_word_evidence`, module docstring)."""
-        fit = self._word_evidence(video[:, None], self.encode_text(input_ids), text_mask, input_ids)
-        return fit[:, 0, :input_ids.shape[1]]
+        """Matching vectors V (B, M, D) of clips (B, F, H, W, C), float32 (`matching`)."""
+        v = self.video_tokens(self.sample_frames(frames))
+        if self.config.match_pool == "phrases":
+            return matching.unit(self._windowed(v).reshape(v.shape[0], -1, v.shape[-1]))
+        return matching.unit(_pool_clip(v, self.config.match_pool))[:, None]
 
     def match_text(self, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
-        """Unit matching embedding t_j of each prompt (B', S): (B', D), float32."""
-        return _text_embedding(self.encode_text(input_ids), text_mask)
+        """Matching phrase vectors T (B', P, D) of prompts (B', S), float32 (`matching`)."""
+        return matching.phrase_vectors(self.encode_text(input_ids), self.text_groups(input_ids, text_mask))
+
+    def text_groups(self, input_ids: jax.Array, text_mask: jax.Array | None) -> jax.Array:
+        """Membership G (B, S, P) of the prompt tokens in the phrases (or P = 1, the whole prompt)."""
+        cfg = self.config
+        separators = cfg.separator_ids if cfg.match_pool == "phrases" else None
+        return matching.membership(input_ids, text_mask, separators, cfg.max_phrases)
+
+    def word_fit(self, video: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
+        """log softmax_w L(V_i, t_i^(s<-w)) at each prompt token's own word, for clips' matching vectors V_i =
+        `match_video` (B, M, D) (the max over m of the logits) and their prompts (B, S): (B, S), 0 at padding and
+        separators; needs a text tower of depth 0 (`_word_evidence`, module docstring)."""
+        groups = self.text_groups(input_ids, text_mask)
+        swapped = matching.swapped_embeddings(self.encode_text(input_ids), groups, self._vocabulary(input_ids.shape[1]))
+        logits = self.scaled(jnp.einsum("bmd,bsvd->bmsv", video, swapped).max(axis=1))
+        return matching.own_word_log_softmax(logits[:, None], input_ids, groups)[:, 0]
 
     def scaled(self, cosine: jax.Array) -> jax.Array:
         """Matching logits exp(logit_scale) cosine + logit_bias, float32."""
         return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * cosine + self.logit_bias[...].astype(jnp.float32)
 
-    def _matching_views(self, v: jax.Array, cells: CellMap) -> jax.Array:
-        """Unit matching embeddings of the clip and of each cell, from tokens `v` (B, T, Ht*Wt, D) pooled as
-        `match_pool` says: (B, 1 + C, D), float32, the clip first, then the C = Tp*Hp*Wp cells."""
-        g, pool = self.config.vision.grid, self.config.match_pool
-        clip = _pool_clip(v, pool)[:, None]
-        cell = pool_tokens(v.astype(jnp.float32).reshape(*v.shape[:2], g, g, v.shape[-1]), cells, pool)
-        return _unit(jnp.concatenate([clip.astype(jnp.float32), cell.reshape(v.shape[0], -1, v.shape[-1])], axis=1))
-
-    def _match_features(self, views: jax.Array, text: jax.Array, text_mask: jax.Array | None) -> jax.Array:
-        """sigmoid(L) of each view (B, K, D) with its own prompt's text tokens (B, S, D): (B, K, 1)."""
-        t = _text_embedding(text, text_mask)[:, None]  # (B, 1, D)
-        return jax.nn.sigmoid(self.scaled(jnp.sum(views * t, axis=-1)))[..., None]
-
-    def _word_evidence(self, views: jax.Array, text: jax.Array, text_mask: jax.Array | None, input_ids: jax.Array
-                       ) -> jax.Array:
-        """log softmax_w L(view, t^(s<-w)) at each prompt token's own word (module docstring): views (B, K, D),
-        text tokens (B, S, D), ids (B, S) -> (B, K, P), 0 at padding and past S. Exact only at text depth 0."""
+    def _vocabulary(self, length: int) -> jax.Array:
+        """A[w, s]: the projected depth-0 text output of every vocabulary word w at every position s < length."""
         if self.config.text.num_hidden_layers:
             raise ValueError(f"word evidence needs a text tower of depth 0, this one has "
                              f"{self.config.text.num_hidden_layers} layers: set text.num_hidden_layers=0")
-        s = input_ids.shape[1]
         vocab = self.config.text.vocab_size
-        words = self.encode_text(jnp.broadcast_to(jnp.arange(vocab, dtype=input_ids.dtype)[:, None], (vocab, s)))
-        t = text.astype(jnp.float32)
-        mean, w, n = _text_mean(t, text_mask)
-        change = (jnp.swapaxes(words.astype(jnp.float32), 0, 1)[None] - t[:, :, None]) / n[:, None, None, None]
-        swapped = mean[:, None, None] + change  # (B, S, V, D)
-        logits = self.scaled(jnp.einsum("bkd,bsvd->bksv", views, _unit(swapped)))  # (B, K, S, V)
-        own = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), input_ids[:, None, :, None], axis=-1)[..., 0]
-        own = own * w[:, None]
+        return self.encode_text(jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32)[:, None], (vocab, length)))
+
+    def _view_cosines(self, v: jax.Array, cells: CellMap, targets: jax.Array) -> jax.Array:
+        """Cosines of the clip and of each cell with targets (B, Q, D) unit vectors: (B, 1 + C, Q), float32, the clip
+        first, then the C = Tp*Hp*Wp cells. A view pools the tokens `v` (B, T, Ht*Wt, D) as `match_pool` says, and
+        with "phrases" is the max over its tokens of their cosines."""
+        b, t, _, d = v.shape
+        g, pool = self.config.vision.grid, self.config.match_pool
+        if pool == "phrases":
+            c = jnp.einsum("btnd,bqd->btnq", matching.unit(self._windowed(v)), targets.astype(jnp.float32))
+            clip = c.max(axis=(1, 2))[:, None]
+            cell = pool_tokens(c.reshape(b, t, g, g, -1), cells, "max").reshape(b, -1, c.shape[-1])
+            return jnp.concatenate([clip, cell], axis=1)
+        clip = _pool_clip(v, pool)[:, None].astype(jnp.float32)
+        cell = pool_tokens(v.astype(jnp.float32).reshape(b, t, g, g, d), cells, pool).reshape(b, -1, d)
+        views = matching.unit(jnp.concatenate([clip, cell], axis=1))
+        return jnp.einsum("bkd,bqd->bkq", views, targets.astype(jnp.float32))
+
+    def _windowed(self, v: jax.Array) -> jax.Array:
+        """Tokens (B, T, Ht*Wt, D) -> the elementwise max over the k x k tokens (k = `phrase_window`) from each
+        token down and right within its frame (fewer at the far borders): a view of a whole object."""
+        k, g = self.config.phrase_window, self.config.vision.grid
+        if k == 1:
+            return v
+        x = v.reshape(*v.shape[:2], g, g, v.shape[-1])
+        pad = ((0, 0), (0, 0), (0, k - 1), (0, k - 1), (0, 0))
+        x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, k, k, 1), (1, 1, 1, 1, 1), pad)
+        return x.reshape(v.shape)
+
+    def _match_features(self, v: jax.Array, cells: CellMap, text: jax.Array, groups: jax.Array) -> jax.Array:
+        """sigmoid(L) of each view (`_view_cosines`) with each phrase of its own prompt (text tokens (B, S, D),
+        groups (B, S, P)): (B, 1 + C, P), 0 for phrases the prompt lacks."""
+        m, n = matching.group_means(text, groups)
+        return jax.nn.sigmoid(self.scaled(self._view_cosines(v, cells, matching.unit(m)))) * (n > 0)[:, None]
+
+    def _word_evidence(self, v: jax.Array, cells: CellMap, text: jax.Array, groups: jax.Array, input_ids: jax.Array
+                       ) -> jax.Array:
+        """log softmax_w L(view, t^(s<-w)) at each prompt token's own word (module docstring) for each view
+        (`_view_cosines`): (B, 1 + C, P) with P = max_position_embeddings, 0 at padding, separators and past S."""
+        b, s = input_ids.shape
+        swapped = matching.swapped_embeddings(text, groups, self._vocabulary(s))  # (B, S, V, D)
+        cosines = self._view_cosines(v, cells, swapped.reshape(b, -1, swapped.shape[-1]))
+        logits = self.scaled(cosines.reshape(*cosines.shape[:2], s, -1))  # (B, K, S, V)
+        own = matching.own_word_log_softmax(logits, input_ids, groups)
         return jnp.pad(own, ((0, 0), (0, 0), (0, self.config.text.max_position_embeddings - s)))
 
     def __call__(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -565,12 +589,12 @@ class RewardModel(nnx.Module):
             video_in = jnp.concatenate([video_in, h.max(axis=1)], axis=-1)
             cells_in = jnp.concatenate([cells_in, pool_tokens(grid_h, cells, "max")], axis=-1)
         if cfg.match_features or cfg.word_evidence:
-            views = self._matching_views(v, cells)
+            groups = self.text_groups(input_ids, text_mask)
             extra = []
             if cfg.match_features:
-                extra.append(self._match_features(views, text, text_mask))
+                extra.append(self._match_features(v, cells, text, groups))
             if cfg.word_evidence:
-                extra.append(self._word_evidence(views, text, text_mask, input_ids))
+                extra.append(self._word_evidence(v, cells, text, groups, input_ids))
             extra = jnp.concatenate(extra, axis=-1)  # (B, 1 + C, E): the clip, then the cells
             video_in = jnp.concatenate([video_in, extra[:, 0].astype(video_in.dtype)], axis=-1)
             cell_extra = extra[:, 1:].reshape(*cells_in.shape[:-1], -1)
