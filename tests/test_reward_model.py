@@ -353,6 +353,13 @@ def test_phrase_matching_finds_each_phrase_whole_in_one_token(tmp_path):
         assert head.fc1.kernel[...].shape[0] == cfg.width + 3 + text.max_position_embeddings
     assert model(frames, jnp.asarray(ids), jnp.asarray(mask))["patch"].shape == (2, len(cfg.aspects), *GRID)
 
+    # phrase_window=k: a token matches as the max over the k x k tokens down and right of it in its frame
+    model.config = dataclasses.replace(cfg, phrase_window=2)
+    n = cfg.vision.grid
+    grid_v = np.asarray(v).reshape(2, 5, n, n, -1)
+    want = np.stack([np.stack([grid_v[:, :, i:i + 2, j:j + 2].max(axis=(2, 3)) for j in range(n)], 2) for i in range(n)], 2)
+    np.testing.assert_array_equal(np.asarray(model._windowed(v)).reshape(want.shape), want)
+
     # the stage's config names separator words; the run's tokenizer gives their ids
     tokenizer = build_word_tokenizer(["a red circle and a blue square on a black background"], tmp_path / "tok")
     section = {"match_pool": "phrases", "phrase_separators": ("and", "on"), "text": {"num_hidden_layers": 0}}
