@@ -357,7 +357,8 @@ def test_phrase_matching_finds_each_phrase_whole_in_one_token(tmp_path):
     model.config = dataclasses.replace(cfg, phrase_window=2)
     n = cfg.vision.grid
     grid_v = np.asarray(v).reshape(2, 5, n, n, -1)
-    want = np.stack([np.stack([grid_v[:, :, i:i + 2, j:j + 2].max(axis=(2, 3)) for j in range(n)], 2) for i in range(n)], 2)
+    rows = [[grid_v[:, :, i:i + 2, j:j + 2].max(axis=(2, 3)) for j in range(n)] for i in range(n)]
+    want = np.stack([np.stack(row, 2) for row in rows], 2)
     np.testing.assert_array_equal(np.asarray(model._windowed(v)).reshape(want.shape), want)
 
     # the stage's config names separator words; the run's tokenizer gives their ids
