@@ -17,6 +17,7 @@ from halo_jax.models.text import build_word_tokenizer
 from halo_jax.models.reward.towers import TOWER_LORA_TARGETS, apply_tower_lora, load_towers, trainable_filter
 from halo_jax.reward import losses
 from halo_jax.reward.model_io import model_config
+from halo_jax.stages.train_reward import pairwise_cosines
 
 GRID = (2, 2, 3)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # these tests check shapes and gradient flow, not speed
@@ -329,6 +330,9 @@ def test_phrase_matching_finds_each_phrase_whole_in_one_token(tmp_path):
     t = [phrase_units(tokens[j], j) for j in range(2)]
     expected = np.array([[scale * np.mean((u[i] @ t[j].T).max(0)) + bias for j in range(2)] for i in range(2)])
     np.testing.assert_allclose(model.match_logits(frames, jnp.asarray(ids), jnp.asarray(mask)), expected, rtol=1e-4)
+    held_out = pairwise_cosines(np.asarray(model.match_video(frames)), np.asarray(model.match_text(jnp.asarray(ids),
+                                jnp.asarray(mask))), 1)  # phase 0's held-out report, one video at a time
+    np.testing.assert_allclose(held_out, (expected - bias) / scale, rtol=1e-4)
     features = model._match_features(v, cells, model.encode_text(jnp.asarray(ids)), jnp.asarray(groups))
     sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     for b in range(2):
