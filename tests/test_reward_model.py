@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from halo_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder, save_folder
+from halo_jax.models.reward.matching import window_max
 from halo_jax.models.reward.reward_model import RewardModel, RewardModelConfig, clip_to_label_range, pool_tokens
 from halo_jax.models.reward.siglip import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
 from halo_jax.models.reward.siglip_params import export_siglip
@@ -358,12 +359,11 @@ def test_phrase_matching_finds_each_phrase_whole_in_one_token(tmp_path):
     assert model(frames, jnp.asarray(ids), jnp.asarray(mask))["patch"].shape == (2, len(cfg.aspects), *GRID)
 
     # phrase_window=k: a token matches as the max over the k x k tokens down and right of it in its frame
-    model.config = dataclasses.replace(cfg, phrase_window=2)
     n = cfg.vision.grid
     grid_v = np.asarray(v).reshape(2, 5, n, n, -1)
     rows = [[grid_v[:, :, i:i + 2, j:j + 2].max(axis=(2, 3)) for j in range(n)] for i in range(n)]
     want = np.stack([np.stack(row, 2) for row in rows], 2)
-    np.testing.assert_array_equal(np.asarray(model._windowed(v)).reshape(want.shape), want)
+    np.testing.assert_array_equal(np.asarray(window_max(v, n, 2)).reshape(want.shape), want)
 
     # the stage's config names separator words; the run's tokenizer gives their ids
     tokenizer = build_word_tokenizer(["a red circle and a blue square on a black background"], tmp_path / "tok")

@@ -9,10 +9,11 @@ A video is matched as a set of unit vectors V (B, M, D) and a prompt as a set of
 - `match_pool` "phrases": V_i = every token of the video, each unit-normalised (M = T*N); the prompt is cut into
   phrases at separator tokens (`separator_ids`, e.g. the ids of "and" and "on"; the separators belong to no phrase,
   phrases past `max_phrases` join the last), and T_jp = unit(mean of phrase p's tokens) / P_j for the P_j phrases the
-  prompt has (0 for the others). cos is then the mean over the prompt's phrases of the cosine of its best-matching
-  token: each phrase ("a red circle moving right") must be found whole in one token, so a colour, shape and motion
-  are bound to one object, which a pooled clip embedding cannot do (a red circle and a blue square pool to the same
-  vector as a red square and a blue circle).
+  prompt has (0 for the others; without separators the whole prompt is one phrase). cos is then the mean over the
+  prompt's phrases of the cosine of its best-matching token: each phrase ("a red circle moving right") must be found
+  whole in one token, so a colour, shape and motion are bound to one object, which a clip-wide pool need not do.
+  With `phrase_window` = k a token's vector is the max over k x k tokens (`window_max`). Measured on the
+  shapes world it reads shape no better than the max of the tokens (docs/architecture.md, "Phrase matching").
 
 Membership G (B, S, P): G[b, s, p] = 1 when prompt token s is an unmasked token of phrase p (P = 1 and G = the text
 mask without phrases). Word evidence swaps one token s for a vocabulary word w within its own group (its phrase, or
@@ -32,6 +33,16 @@ def unit(x: jax.Array) -> jax.Array:
     """x / |x| over the last axis, float32; 0 stays 0 with a zero gradient (|x|'s own gradient there is NaN)."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+def window_max(tokens: jax.Array, grid: int, k: int) -> jax.Array:
+    """Tokens (B, T, g*g, D) of g x g per frame -> the elementwise max over the k x k tokens from each token down and
+    right within its frame (fewer at the far borders): with k = 2, a view of a whole object two tokens wide."""
+    if k == 1:
+        return tokens
+    x = tokens.reshape(*tokens.shape[:2], grid, grid, tokens.shape[-1])
+    pad = ((0, 0), (0, 0), (0, k - 1), (0, k - 1), (0, 0))
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, k, k, 1), (1, 1, 1, 1, 1), pad).reshape(tokens.shape)
 
 
 def token_weights(shape: Sequence[int], text_mask: jax.Array | None) -> jax.Array:
