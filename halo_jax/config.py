@@ -225,9 +225,10 @@ def reward_config() -> ml_collections.ConfigDict:
                    "patch": 1.0, "consistency": 0.1, "bound_margin": 0.0, "word": 0.0},
         # phase 0 (0 steps: off): the towers' video-text matching before phase 1 (SigLIP's sigmoid loss on
         # the videos that show their prompt), for towers trained from scratch
-        # hard_negatives: each video also meets its prompt with one object's colour, shape or motion changed
-        # (one of each; reward/data.hard_negatives), which in-batch prompts rarely are
-        "phase0": {**phase(steps=0, learning_rate=1e-3), "hard_negatives": False},
+        # hard_negatives: each video also meets its prompt with one object's attribute changed, one prompt per
+        # entry of negative_attributes (reward/data.hard_negatives), which in-batch prompts rarely are
+        "phase0": {**phase(steps=0, learning_rate=1e-3), "hard_negatives": False,
+                   "negative_attributes": ("colour", "shape", "motion")},
         "phase1": phase(steps=300, learning_rate=1e-3),   # video head (+ what the tuning modes unfreeze)
         "phase2": phase(steps=300, learning_rate=5e-4),   # + patch head, patch and consistency losses
         "eval_batch_size": 32,

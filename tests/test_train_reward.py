@@ -14,6 +14,7 @@ import math
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from dpo_world import random_module
@@ -155,9 +156,10 @@ def test_phase0_matching_trains_the_towers_and_phase1_continues_it(tmp_path):
 
 
 def test_hard_negatives_change_one_attribute_and_ride_along_in_the_items():
-    """Phase 0's hard negatives: per shapes video one prompt per attribute with exactly that attribute of one
-    object changed, the same however the data is cut; items carry their tokens and groups (a negative that
-    is another example's prompt gets that prompt's group); non-shapes prompts get none (valid 0)."""
+    """Phase 0's hard negatives: per shapes video one prompt per attribute (or per entry of
+    `negative_attributes`) with exactly that attribute of one object changed, the same however the data is
+    cut; items carry their tokens and groups (a negative that is another example's prompt gets that prompt's
+    group); non-shapes prompts get none (valid 0)."""
     prompts = ["a red circle moving left on a black background", "a red square moving left on a black background"]
     scores = np.full(1, 5.0, np.float32)
     ex = [rdata.Example(f"v{i}", p, "s", i, scores, None) for i, p in enumerate(prompts)]
@@ -180,6 +182,14 @@ def test_hard_negatives_change_one_attribute_and_ride_along_in_the_items():
     np.testing.assert_array_equal(first["negative_ids"][2], tokens[negatives[0][2]][0])
     assert last["negative_valid"].tolist() == [0, 0, 0] and np.all(last["negative_ids"] == last["input_ids"])
     assert data.subset(lambda e: e.video_id != "v0").negatives == negatives[1:]
+    # `negative_attributes` picks the kinds (repeats: more of one), checked when the config is read
+    section = ml_collections.ConfigDict({"negative_attributes": ("shape", "shape", "motion")})
+    more = rdata.hard_negatives(ex, seed=0, attributes=train_reward.negative_attributes(section))
+    assert [shapes.changed_attribute(ex[1].prompt, p) for p in more[1]] == ["shape", "shape", "motion"]
+    for wrong in (("size",), ()):
+        section.negative_attributes = wrong
+        with pytest.raises(ConfigError, match="negative_attributes=.* must name one or more of"):
+            train_reward.negative_attributes(section)
 
 
 def test_a_finished_phase_continues_under_the_current_model_config(tmp_path):

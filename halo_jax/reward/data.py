@@ -401,25 +401,27 @@ class RewardData:
         return item
 
 
-def attribute_contrasts(prompt: str, rng: np.random.Generator) -> list[str]:
-    """One prompt per attribute of `shapes.ATTRIBUTES`, each with that attribute of one object of `prompt`
-    changed (`shapes.altered_prompt`, drawn from `rng`); [] for a prompt outside the shapes world's grammar
-    (then `rng` is not drawn from)."""
+def attribute_contrasts(prompt: str, rng: np.random.Generator, attributes: Sequence[str] | None = None) -> list[str]:
+    """One prompt per entry of `attributes` (default `shapes.ATTRIBUTES`; repeats give more of one kind), each
+    with that attribute of one object of `prompt` changed (`shapes.altered_prompt`, drawn from `rng`, so two
+    entries may give the same prompt); [] for a prompt outside the shapes world's grammar (then `rng` is not
+    drawn from)."""
     from halo_jax.data import shapes
 
     try:
         scene = shapes.as_scene(prompt)
     except ValueError:
         return []
-    return [shapes.altered_prompt(scene, rng, a) for a in shapes.ATTRIBUTES]
+    return [shapes.altered_prompt(scene, rng, a) for a in (shapes.ATTRIBUTES if attributes is None else attributes)]
 
 
-def hard_negatives(examples: Sequence[Example], seed: int) -> list[list[str]]:
-    """Phase 0's hard negatives: each example's `attribute_contrasts`, drawn from a generator seeded by
-    (seed, crc32 of the video id), so the same for an example however the data is cut."""
+def hard_negatives(examples: Sequence[Example], seed: int, attributes: Sequence[str] | None = None
+                   ) -> list[list[str]]:
+    """Phase 0's hard negatives: each example's `attribute_contrasts` (of `attributes`), drawn from a generator
+    seeded by (seed, crc32 of the video id), so the same for an example however the data is cut."""
     import zlib
 
-    return [attribute_contrasts(e.prompt, np.random.default_rng([seed, zlib.crc32(e.video_id.encode())]))
+    return [attribute_contrasts(e.prompt, np.random.default_rng([seed, zlib.crc32(e.video_id.encode())]), attributes)
             for e in examples]
 
 

@@ -113,6 +113,16 @@ def continues_from(r, phase: int) -> dict:
     return {f"phase{q}_steps": int(r[f"phase{q}"].steps) for q in range(phase) if q > 0 or int(r.phase0.steps) > 0}
 
 
+def negative_attributes(section) -> tuple[str, ...]:
+    """`reward.phase0.negative_attributes`, checked: attribute names of `shapes.ATTRIBUTES`, at least one."""
+    names = tuple(section.negative_attributes)
+    wrong = [a for a in names if a not in shapes.ATTRIBUTES]
+    if wrong or not names:
+        raise ConfigError(f"reward.phase0.negative_attributes={names} must name one or more of {shapes.ATTRIBUTES} "
+                          f"(repeats allowed), e.g. \"--config.reward.phase0.negative_attributes=('shape','shape')\"")
+    return names
+
+
 def check_continuations(r, root: Path, keep: int) -> None:
     """Before anything trains: a started phase (a checkpoint in reward/phaseP/ckpt) must continue the earlier
     phases as configured now; a changed step count of one of them is a ConfigError naming the folder to delete."""
@@ -498,7 +508,7 @@ def run(config, workdir: str) -> Path:
 
         matching = train.subset(shown)
         if r.phase0.hard_negatives:
-            negatives = rdata.hard_negatives(matching.examples, config.seed)
+            negatives = rdata.hard_negatives(matching.examples, config.seed, negative_attributes(r.phase0))
             matching = matching.with_negatives(negatives, tokenize(tokenizer, [p for n in negatives for p in n],
                                                                    max_length))
         model, reports[0] = run_phase(0, model, config, root, matching, held.subset(shown), tokenizer, max_length,
