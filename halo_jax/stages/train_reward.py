@@ -467,6 +467,7 @@ def run(config, workdir: str) -> Path:
         raise ConfigError(f"reward.losses.word={weights.word} needs a random text tower of depth 0 (each token its "
                           "word and position alone): set reward.model.text.num_hidden_layers=0 (and no "
                           "reward.siglip_path) or reward.losses.word=0")
+    contrasts = negative_attributes(r.phase0) if r.phase0.hard_negatives else None
     check_continuations(r, root, config.checkpoint.keep)
 
     examples, readers, bad = gather_examples(config, workdir, root)
@@ -508,7 +509,7 @@ def run(config, workdir: str) -> Path:
 
         matching = train.subset(shown)
         if r.phase0.hard_negatives:
-            negatives = rdata.hard_negatives(matching.examples, config.seed, negative_attributes(r.phase0))
+            negatives = rdata.hard_negatives(matching.examples, config.seed, contrasts)
             matching = matching.with_negatives(negatives, tokenize(tokenizer, [p for n in negatives for p in n],
                                                                    max_length))
         model, reports[0] = run_phase(0, model, config, root, matching, held.subset(shown), tokenizer, max_length,
