@@ -203,14 +203,15 @@ def reward_config() -> ml_collections.ConfigDict:
             "match_features": False,  # the heads also read the matching probability (RewardModel docstring)
             "head_pool": "mean",  # mean | mean_max: the heads read the mean (and max) of their tokens
             "clip_scores": False,  # scores clipped to [1, 5], straight-through gradient (RewardModel docstring)
-            "frame_differences": False,  # tokens also embed x[t+1] - x[t-1], a motion cue (RewardModel docstring)
+            "frame_differences": False,  # tokens also embed x[t+1] - x[t-1], a motion cue (models/reward/stems.py)
             "match_pool": "mean",  # mean | max over the tokens | phrases: how videos and prompts match (phase 0)
             # with match_pool="phrases": the words that end a phrase, at most how many phrases, the k x k tokens
             # a token matches with (RewardModel)
             "phrase_separators": (), "max_phrases": 4, "phrase_window": 1,
             "word_evidence": False,  # the heads also read each prompt word's fit (depth-0 text; RewardModel docstring)
-            "pixel_mlp": 0,  # > 0: hidden width of a nonlinear embedding of each token's pixels (RewardModel docstring)
-            "conv_stem": 0,  # > 0: channels of two 3x3 convolutions embedding each frame (RewardModel docstring)
+            "pixel_mlp": 0,  # > 0: width of a nonlinear embedding of each token's pixels (models/reward/stems.py)
+            "conv_stem": 0,  # > 0: channels of two 3x3 convolutions embedding each frame (models/reward/stems.py)
+            "patch_reads_clip": False,  # the patch head also reads the clip's match features and word evidence
             "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                        "num_attention_heads": 4, "image_size": 32, "patch_size": 4},
             "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4},

@@ -255,6 +255,27 @@ def test_match_features_are_the_matching_probabilities_of_video_and_cells():
     assert out["video"].shape == (2, len(cfg.aspects)) and out["patch"].shape == (2, len(cfg.aspects), *GRID)
 
 
+def test_patch_reads_clip_gives_every_cell_the_clips_features_too():
+    """With `patch_reads_clip` the patch head reads [cell mean, cell match feature, clip match feature] (the clip's
+    next to each cell's); without match features or word evidence it has nothing to read: a ValueError."""
+    cfg = RewardModelConfig.tiny(num_frames=5, grid=GRID, match_features=True, patch_reads_clip=True)
+    model = random_model(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.RandomState(4)
+    frames = jnp.asarray(rng.randint(0, 256, (2, 5, 35, 42, 3)).astype(np.uint8))
+    ids, mask = jnp.asarray(rng.randint(0, cfg.text.vocab_size, (2, 8))), jnp.ones((2, 8), jnp.int32)
+    cells = cfg.token_cell_map(frames.shape[1:4])
+    v = model.video_tokens(model.sample_frames(frames))
+    features = model._match_features(v, cells, model.encode_text(ids), model.text_groups(ids, mask))  # (2, 1 + C, 1)
+    h = model.encode(frames, ids, mask)[2]
+    cell_means = pool_tokens(h.reshape(2, 5, cfg.vision.grid, cfg.vision.grid, -1), cells)
+    clip = jnp.broadcast_to(features[:, :1, None, None], (2, *GRID, 1))
+    expected = model.patch_head(jnp.concatenate([cell_means, features[:, 1:].reshape(2, *GRID, 1), clip], -1))
+    np.testing.assert_allclose(np.asarray(model(frames, ids, mask)["patch"]), np.moveaxis(np.asarray(expected), -1, 1),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="patch_reads_clip .* set match_features=True or word_evidence=True"):
+        RewardModelConfig.tiny(patch_reads_clip=True)
+
+
 def test_word_evidence_is_each_words_log_softmax_among_the_vocabulary_in_its_place():
     """With `word_evidence` (text tower of depth 0) the heads read, for every prompt token, log softmax over the
     vocabulary of the matching logit with that token replaced, at the prompt's own word; checked against

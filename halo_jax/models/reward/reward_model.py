@@ -5,7 +5,7 @@
       -> resize each to the tower's image_size (bilinear, antialiased), (x - mean) / std
       -> SigLIP vision tower per frame: last hidden state, (B, T, Ht, Wt, Dv) patch tokens
       -> v = proj_in to width D (+ with frame_differences: PatchEmbed_d(x[t+1] - x[t-1]);
-             + with pixel_mlp: PixelMLP of each token's pixels; + with conv_stem: ConvStem of the frame; see below)
+             + with pixel_mlp: PixelMLP of each token's pixels; + with conv_stem: ConvStem of the frame; `stems.py`)
       -> v + learned frame-index embedding + learned spatial embedding
       -> `num_layers` temporal blocks over all T*Ht*Wt tokens, each
              x += SelfAttn(LN x);  x += CrossAttn(LN x, text);  x += MLP(LN x)
@@ -50,25 +50,13 @@ video; this per-word comparison does not. At depth 0 a token's output depends on
 alone, so t^(s<-w) is exact in closed form (`matching.swapped_embeddings`), O(B S V D) memory for a
 vocabulary of V (with "phrases" the cosines take O(B M S V) for M tokens: 1.6 times the run time).
 
-Frame differences (`frame_differences`): the towers see one frame at a time, so motion is left to the
-temporal blocks, which must find the object in every frame and compare positions. With this option
-every token also gets PatchEmbed_d(x[t+1] - x[t-1]) of the sampled, normalised frames x (one-sided
-x[1] - x[0] and x[T-1] - x[T-2] at the ends, 0 for one frame), a new patch embedding to width D
-with the tower's patch size, initialised to zero (a loaded model starts unchanged): a moving
-object's difference shows its leading and trailing edges, so its direction is local to a token
-(RGB-difference inputs of two-stream video networks).
+With `patch_reads_clip` the patch head reads the clip's match features and word evidence next to its cell's (the
+video head's, broadcast to every cell): the clip's say which word of the prompt the video does not show, the
+cell's whether what that word names is in the cell. A cell's own evidence sees a part of an object in half the
+frames, so it reads shape and motion worse than the clip's (docs/architecture.md, "Cells read the clip").
 
-Pixel MLP (`pixel_mlp` = H > 0): every token also gets fc2(gelu(fc1(p))) of its own square p of the sampled,
-normalised frame (with `frame_differences`, of that frame and of x[t+1] - x[t-1], concatenated): a nonlinear
-patch embedding of hidden width H next to the tower's linear one, fc2 initialised to zero (a loaded model
-starts unchanged). A ViT's patch embedding is linear in the pixels; outlines and the direction of an edge's
-movement are not, and a small tower finds them late or not at all (docs/architecture.md, "Pixel MLP").
-
-Conv stem (`conv_stem` = C > 0): every token also gets PatchEmbed_{p/2}(h) of h = gelu(conv_2(gelu(conv_1(x)))),
-conv_1 a 3x3 convolution of stride 2 and conv_2 one of stride 1 (zero padding 1, C channels each) of the sampled,
-normalised frame x (with `frame_differences`, of it and x[t+1] - x[t-1]); the patch embedding is initialised to
-zero (a loaded model starts unchanged). Its 3x3 receptive fields cross the tokens' borders, so an outline split
-between tokens still reaches each of them whole (docs/architecture.md, "Conv stem").
+Frame differences, pixel MLP and conv stem: token embeddings of the pixels next to the tower's, in
+`stems.py`.
 
 Text conditioning is cross-attention to the text tokens in every temporal block (not FiLM):
 every video token can attend to the words that concern it, which is what a per-patch
@@ -105,6 +93,7 @@ from halo_jax.align.patches import CellMap, as_grid, pool_cells
 from halo_jax.config import check_fields
 from halo_jax.convert.safetensors_io import read_config
 from halo_jax.models.reward import matching
+from halo_jax.models.reward.stems import ConvStem, PixelMLP, frame_differences
 from halo_jax.models.reward.siglip import (
     MLP,
     Attention,
@@ -116,7 +105,6 @@ from halo_jax.models.reward.siglip import (
     SiglipVisionTower,
     dense,
     layer_norm,
-    patchify,
     scan_layers,
     stacked,
 )
@@ -169,14 +157,15 @@ class RewardModelConfig:
     match_features: bool = False  # the heads also read the video's (cell's) matching probability with its prompt
     head_pool: str = "mean"  # mean | mean_max: what the heads read of their tokens (module docstring)
     clip_scores: bool = False  # scores clipped to [1, 5] with a straight-through gradient (module docstring)
-    frame_differences: bool = False  # tokens also embed x[t+1] - x[t-1] (module docstring)
+    frame_differences: bool = False  # tokens also embed x[t+1] - x[t-1] (stems.py)
     match_pool: str = "mean"  # mean | max over the tokens | phrases: how video and prompt are matched (matching.py)
     separator_ids: tuple[int, ...] = ()  # with match_pool="phrases": token ids that end a phrase ("and", "on")
     max_phrases: int = 4  # with match_pool="phrases": phrases past this join the last
     phrase_window: int = 1  # with match_pool="phrases": each token's matching vector is the max over k x k tokens
     word_evidence: bool = False  # the heads also read each prompt word's fit against the vocabulary (module docstring)
-    pixel_mlp: int = 0  # > 0: hidden width of a nonlinear embedding of each token's pixels (module docstring)
-    conv_stem: int = 0  # > 0: channels of a convolutional embedding of each frame (module docstring)
+    pixel_mlp: int = 0  # > 0: hidden width of a nonlinear embedding of each token's pixels (stems.py)
+    conv_stem: int = 0  # > 0: channels of a convolutional embedding of each frame (stems.py)
+    patch_reads_clip: bool = False  # the patch head also reads the clip's match features / word evidence (docstring)
 
     def __post_init__(self):
         object.__setattr__(self, "grid", as_grid(self.grid))
@@ -207,6 +196,9 @@ class RewardModelConfig:
         if self.conv_stem < 0 or (self.conv_stem and self.vision.patch_size % 2):
             raise ValueError(f"conv_stem must be >= 0 (0: off) and needs an even vision.patch_size, got conv_stem="
                              f"{self.conv_stem}, patch_size={self.vision.patch_size}")
+        if self.patch_reads_clip and not (self.match_features or self.word_evidence):
+            raise ValueError("patch_reads_clip gives the patch head the clip's match features and word evidence, and "
+                             "neither is on: set match_features=True or word_evidence=True")
         if self.word_evidence and self.text.num_hidden_layers != 0:
             raise ValueError(f"word_evidence needs a text tower of depth 0 (each token its word and position alone), "
                              f"this one has {self.text.num_hidden_layers} layers: set text.num_hidden_layers=0 or "
@@ -301,54 +293,6 @@ class TemporalBlock(nnx.Module):
         return x + self.mlp(self.norm3(x))
 
 
-def frame_differences(x: jax.Array) -> jax.Array:
-    """x[t+1] - x[t-1] of frames (B, T, ...), one-sided (x[1] - x[0], x[T-1] - x[T-2]) at the ends, 0 for T = 1."""
-    padded = jnp.concatenate([x[:, :1], x, x[:, -1:]], axis=1)
-    return padded[:, 2:] - padded[:, :-2]
-
-
-class PixelMLP(nnx.Module):
-    """fc2(gelu(fc1(square))) of every p x p square of an image, fc2 zero-initialised: (N, S, S, C) -> (N, (S/p)^2, D)
-    (module docstring, "Pixel MLP")."""
-
-    def __init__(self, patch: int, inputs: int, hidden: int, dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None,
-                 param_dtype: Dtype = jnp.float32):
-        self.patch = patch
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.fc1 = dense(inputs, hidden, (None, "mlp"), **kw)
-        self.fc2 = dense(hidden, dim, ("mlp", "embed"), kernel_init=nnx.initializers.zeros, **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        squares = patchify(x, self.patch)
-        return self.fc2(jax.nn.gelu(self.fc1(squares.reshape(*squares.shape[:2], -1))))
-
-
-class ConvStem(nnx.Module):
-    """PatchEmbed_{p/2}(gelu(conv_2(gelu(conv_1(x))))), conv_1 3x3 of stride 2, conv_2 3x3 of stride 1, zero padding 1,
-    the patch embedding zero-initialised: (N, S, S, C_in) -> (N, (S/p)^2, D) (module docstring, "Conv stem")."""
-
-    def __init__(self, patch: int, inputs: int, channels: int, dim: int, *, rngs: nnx.Rngs, dtype: Dtype = None,
-                 param_dtype: Dtype = jnp.float32):
-        self.dtype = dtype
-        conv_init = param_init(nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3), None, None, None, None)
-        bias_init = param_init(nnx.initializers.zeros, None)
-        self.kernel1 = nnx.Param(conv_init(rngs.params(), (3, 3, inputs, channels), param_dtype))
-        self.bias1 = nnx.Param(bias_init(rngs.params(), (channels,), param_dtype))
-        self.kernel2 = nnx.Param(conv_init(rngs.params(), (3, 3, channels, channels), param_dtype))
-        self.bias2 = nnx.Param(bias_init(rngs.params(), (channels,), param_dtype))
-        self.embed = PatchEmbed(patch // 2, channels, dim, kernel_init=nnx.initializers.zeros, rngs=rngs, dtype=dtype,
-                                param_dtype=param_dtype)
-
-    def _conv(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param, stride: int) -> jax.Array:
-        dtype = self.dtype or x.dtype
-        y = jax.lax.conv_general_dilated(x.astype(dtype), kernel[...].astype(dtype), (stride, stride), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jax.nn.gelu(y + bias[...].astype(dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.embed(self._conv(self._conv(x, self.kernel1, self.bias1, 2), self.kernel2, self.bias2, 1))
-
-
 def clip_to_label_range(s: jax.Array) -> jax.Array:
     """Forward value clip(s, SCORE_MIN, SCORE_MAX), gradient the identity's (straight-through).
 
@@ -400,10 +344,11 @@ class RewardModel(nnx.Module):
                                 rngs)
         self.final_norm = layer_norm(d, 1e-6, **kw)
         phrases = cfg.max_phrases if cfg.match_pool == "phrases" else 1
-        head_in = (d * (2 if cfg.head_pool == "mean_max" else 1) + phrases * int(cfg.match_features)
-                   + cfg.text.max_position_embeddings * int(cfg.word_evidence))
-        self.video_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
-        self.patch_head = ScoreHead(head_in, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
+        pooled = d * (2 if cfg.head_pool == "mean_max" else 1)
+        extra = phrases * int(cfg.match_features) + cfg.text.max_position_embeddings * int(cfg.word_evidence)
+        self.video_head = ScoreHead(pooled + extra, cfg.head_hidden, cfg.num_aspects, cfg.score_offset, **kw)
+        self.patch_head = ScoreHead(pooled + extra * (2 if cfg.patch_reads_clip else 1), cfg.head_hidden,
+                                    cfg.num_aspects, cfg.score_offset, **kw)
         def scalar(value: float) -> nnx.Param:
             return nnx.Param(param_init(nnx.initializers.constant(value), None)(rngs.params(), (1,), param_dtype))
 
@@ -554,6 +499,19 @@ class RewardModel(nnx.Module):
         own = matching.own_word_log_softmax(logits, input_ids, groups)
         return jnp.pad(own, ((0, 0), (0, 0), (0, self.config.text.max_position_embeddings - s)))
 
+    def encode(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(v (B, T, N, D) the tokens `video_tokens`, text (B, S, D) the text tokens, h (B, T*N, D) the temporal
+        blocks' normalised output): what the heads pool (module docstring)."""
+        v = self.video_tokens(self.sample_frames(frames))
+        x = v + self.frame_embedding[...].astype(v.dtype)[None, :, None]
+        x = x + self.spatial_embedding[...].astype(v.dtype)[None, None]
+        text = self.encode_text(input_ids)
+        mask = None if text_mask is None else jnp.asarray(text_mask) != 0
+        x = scan_layers(self.temporal, x.reshape(v.shape[0], -1, self.config.width), text, mask,
+                        remat=self.config.remat)
+        return v, text, self.final_norm(x)
+
     def __call__(self, frames: jax.Array, input_ids: jax.Array, text_mask: jax.Array | None = None) -> dict[str, jax.Array]:
         """Scores on the 1..5 scale: {'video': (B, A), 'patch': (B, A, Tp, Hp, Wp)}, float32; with
         `clip_scores` those are clipped (`clip_to_label_range`) and 'video_raw' / 'patch_raw' hold
@@ -566,13 +524,7 @@ class RewardModel(nnx.Module):
         cells = cfg.token_cell_map(frames.shape[1:4])
         b = frames.shape[0]
         g = cfg.vision.grid
-        v = self.video_tokens(self.sample_frames(frames))  # (B, T, N, D)
-        x = v + self.frame_embedding[...].astype(v.dtype)[None, :, None] + self.spatial_embedding[...].astype(v.dtype)[None, None]
-        x = x.reshape(b, -1, cfg.width)
-        text = self.encode_text(input_ids)
-        mask = None if text_mask is None else jnp.asarray(text_mask) != 0
-        x = scan_layers(self.temporal, x, text, mask, remat=cfg.remat)
-        h = self.final_norm(x)  # (B, T*N, D)
+        v, text, h = self.encode(frames, input_ids, text_mask)
         video_in = h.astype(jnp.float32).mean(axis=1).astype(h.dtype)
         grid_h = h.reshape(b, cfg.num_frames, g, g, cfg.width)
         cells_in = pool_tokens(grid_h, cells)  # (B, Tp, Hp, Wp, D)
@@ -589,6 +541,9 @@ class RewardModel(nnx.Module):
             extra = jnp.concatenate(extra, axis=-1)  # (B, 1 + C, E): the clip, then the cells
             video_in = jnp.concatenate([video_in, extra[:, 0].astype(video_in.dtype)], axis=-1)
             cell_extra = extra[:, 1:].reshape(*cells_in.shape[:-1], -1)
+            if cfg.patch_reads_clip:
+                clip_extra = jnp.broadcast_to(extra[:, 0, None, None, None], cell_extra.shape)
+                cell_extra = jnp.concatenate([cell_extra, clip_extra], axis=-1)
             cells_in = jnp.concatenate([cells_in, cell_extra.astype(cells_in.dtype)], axis=-1)
         video = self.video_head(video_in)
         patch = jnp.moveaxis(self.patch_head(cells_in), -1, 1)  # (B, A, Tp, Hp, Wp)
