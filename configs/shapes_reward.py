@@ -58,6 +58,10 @@ def get_config(variant: str = "accelerator"):
     # edge's movement are not linear in the pixels, and an outline split between tokens reaches each whole (README,
     # :cpu: phase-0 shape reading 0.74 -> 0.78 and text reading 0.87 -> 0.89 against the pixel MLP it replaced)
     r.model.conv_stem = 16
+    # the patch head also reads the clip's match features and word evidence: the clip's say which word fails, the
+    # cell's own whether its object is there (README, :cpu: patch text alignment 0.726 -> 0.763, motion-changed
+    # cells scored clean 30% -> 11%; docs/architecture.md, "Cells read the clip")
+    r.model.patch_reads_clip = True
     r.losses.bound_margin = 1.0
     # phase 0 also asks each prompt word to beat every other vocabulary word in its place (docs/architecture.md,
     # "Word loss"; phase 0 alone it changed nothing; it ran with a nonlinear token embedding in the README's headline)
@@ -66,8 +70,11 @@ def get_config(variant: str = "accelerator"):
     # of them is also kept labelled against the prompt it shows (the same pixels under both texts)
     r.synthetic.mismatch_fraction = 0.25
     r.synthetic.mismatch_pairs = True
-    # the towers are trained from scratch: phase 0 first teaches them which prompt a video shows
-    r.phase0.update(steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100)
+    # the towers are trained from scratch: phase 0 first teaches them which prompt a video shows, each video also
+    # against its prompt with one object's colour, shape (twice) or motion changed (README, :cpu: phase 0 reads
+    # shape 0.78 -> 0.88; docs/architecture.md, "Asking phase 0 for shape")
+    r.phase0.update(steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100, hard_negatives=True,
+                    negative_attributes=("colour", "shape", "shape", "motion"))
     r.phase1.update(steps=6000, batch_size=64, learning_rate=1e-3, warmup_steps=200)
     r.phase2.update(steps=4000, batch_size=64, learning_rate=5e-4, warmup_steps=100)
     r.eval_batch_size = 64
