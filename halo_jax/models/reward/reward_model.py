@@ -93,7 +93,6 @@ from halo_jax.align.patches import CellMap, as_grid, pool_cells
 from halo_jax.config import check_fields
 from halo_jax.convert.safetensors_io import read_config
 from halo_jax.models.reward import matching
-from halo_jax.models.reward.stems import ConvStem, PixelMLP, frame_differences
 from halo_jax.models.reward.siglip import (
     MLP,
     Attention,
@@ -108,6 +107,7 @@ from halo_jax.models.reward.siglip import (
     scan_layers,
     stacked,
 )
+from halo_jax.models.reward.stems import ConvStem, PixelMLP, frame_differences
 from halo_jax.parallel.sharding import param_init
 from halo_jax.teachers.base import SCORE_MAX, SCORE_MIN
 
@@ -165,7 +165,7 @@ class RewardModelConfig:
     word_evidence: bool = False  # the heads also read each prompt word's fit against the vocabulary (module docstring)
     pixel_mlp: int = 0  # > 0: hidden width of a nonlinear embedding of each token's pixels (stems.py)
     conv_stem: int = 0  # > 0: channels of a convolutional embedding of each frame (stems.py)
-    patch_reads_clip: bool = False  # the patch head also reads the clip's match features / word evidence (docstring)
+    patch_reads_clip: bool = False  # the patch head also reads the clip's extra features (module docstring)
 
     def __post_init__(self):
         object.__setattr__(self, "grid", as_grid(self.grid))
