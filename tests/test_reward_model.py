@@ -264,9 +264,8 @@ def test_patch_reads_clip_gives_every_cell_the_clips_features_too():
     frames = jnp.asarray(rng.randint(0, 256, (2, 5, 35, 42, 3)).astype(np.uint8))
     ids, mask = jnp.asarray(rng.randint(0, cfg.text.vocab_size, (2, 8))), jnp.ones((2, 8), jnp.int32)
     cells = cfg.token_cell_map(frames.shape[1:4])
-    v = model.video_tokens(model.sample_frames(frames))
-    features = model._match_features(v, cells, model.encode_text(ids), model.text_groups(ids, mask))  # (2, 1 + C, 1)
-    h = model.encode(frames, ids, mask)[2]
+    v, text, h = model.encode(frames, ids, mask)
+    features = model._match_features(v, cells, text, model.text_groups(ids, mask))  # (2, 1 + C, 1)
     cell_means = pool_tokens(h.reshape(2, 5, cfg.vision.grid, cfg.vision.grid, -1), cells)
     clip = jnp.broadcast_to(features[:, :1, None, None], (2, *GRID, 1))
     expected = model.patch_head(jnp.concatenate([cell_means, features[:, 1:].reshape(2, *GRID, 1), clip], -1))
