@@ -222,8 +222,11 @@ def reward_config() -> ml_collections.ConfigDict:
         # much (a censored regression, reward/losses.py), so clean cells tie at 5 as their labels do
         # word: phase 0's weight of L_w, each prompt word against every vocabulary word in its place (text towers
         # of depth 0; reward/losses.py)
+        # twin: phases 1-2's Bradley-Terry weight over the records of one video (a mismatched video and its copy
+        # labelled against the prompt it shows: synthetic.mismatch_pairs), its score and its cells' (reward/losses.py);
+        # > 0 also groups the videos by the prompt they show, each video's records in one group
         "losses": {"regression": 1.0, "bradley_terry": 0.5, "bt_margin": 0.25, "bt_temperature": 1.0,
-                   "patch": 1.0, "consistency": 0.1, "bound_margin": 0.0, "word": 0.0},
+                   "patch": 1.0, "consistency": 0.1, "bound_margin": 0.0, "word": 0.0, "twin": 0.0},
         # phase 0 (0 steps: off): the towers' video-text matching before phase 1 (SigLIP's sigmoid loss on
         # the videos that show their prompt), for towers trained from scratch
         # hard_negatives: each video also meets its prompt with one object's attribute changed, one prompt per

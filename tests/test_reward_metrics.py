@@ -1,5 +1,6 @@
 """Reward metrics and losses against brute-force NumPy definitions (ties included), and the report."""
 
+import dataclasses
 import itertools
 import math
 
@@ -223,3 +224,37 @@ def test_consistency_does_not_push_cells_beyond_a_bound():
     lc = losses.reward_losses({"video": video, "video_raw": video, "patch": clip_to_label_range(raw), "patch_raw": raw},
                               batch, weights, phase=2)[1]["consistency"]
     assert float(lc) == pytest.approx((np.mean([1, 1, 2, 4, 5, 5]) - 2.0) ** 2)
+
+
+def test_twin_loss_ranks_the_records_of_one_video_on_raw_scores():
+    """L_tw: Bradley-Terry over the records of one video (video_key), of the raw video scores and, in phase 2, of
+    every cell and aspect; pairs of other videos or padding do not count."""
+    rng = np.random.default_rng(5)
+    n, a = 6, 2
+    raw = rng.normal(3, 2, (n, a))
+    patch_raw = rng.normal(3, 2, (n, a, 1, 2, 1))
+    target = np.round(rng.uniform(1, 5, (n, a)))
+    patch_target = np.round(rng.uniform(1, 5, (n, a, 1, 2, 1)))
+    keys, w = np.array([0, 0, 1, 1, 2, 3]), np.array([1, 1, 1, 0, 1, 1], float)
+    weights = losses.LossWeights(bradley_terry=0.0, consistency=0.0, twin=2.0, bt_margin=0.5, bt_temperature=2.0)
+
+    def expected(pred, y):
+        pred, y = pred.reshape(n, -1), y.reshape(n, -1)
+        terms = [math.log1p(math.exp(-(pred[i, k] - pred[j, k]) / 2.0))
+                 for i, j in itertools.permutations(range(n), 2) for k in range(pred.shape[1])
+                 if keys[i] == keys[j] and w[i] * w[j] > 0 and y[i, k] - y[j, k] > 0.5]
+        return np.mean(terms), len(terms)
+
+    batch = {"video_scores": jnp.asarray(target), "patch_scores": jnp.asarray(patch_target), "has_patch": jnp.ones(n),
+             "valid": jnp.asarray(w), "group": jnp.arange(n), "video_key": jnp.asarray(keys)}
+    clipped = {"video": jnp.clip(jnp.asarray(raw), 1, 5), "patch": jnp.clip(jnp.asarray(patch_raw), 1, 5),
+               "video_raw": jnp.asarray(raw), "patch_raw": jnp.asarray(patch_raw)}
+    _, m = losses.reward_losses(clipped, batch, weights, phase=2)
+    for name, pred, y in (("twin", raw, target), ("patch_twin", patch_raw, patch_target)):
+        value, count = expected(pred, y)
+        assert int(m[f"{name}_pairs"]) == count > 0 and float(m[name]) == pytest.approx(value, rel=1e-5)
+    total, _ = losses.reward_losses(clipped, batch, weights, phase=2)
+    off, _ = losses.reward_losses(clipped, batch, dataclasses.replace(weights, twin=0.0), phase=2)
+    assert float(total - off) == pytest.approx(2.0 * (float(m["twin"]) + float(m["patch_twin"])), rel=1e-5)
+    _, m1 = losses.reward_losses(clipped, batch, weights, phase=1)
+    assert "patch_twin" not in m1 and float(m1["twin"]) == pytest.approx(float(m["twin"]))

@@ -192,6 +192,30 @@ def test_hard_negatives_change_one_attribute_and_ride_along_in_the_items():
             train_reward.negative_attributes(section)
 
 
+def test_twin_groups_keep_the_records_of_one_video_together():
+    """losses.twin: groups by the prompt a video shows, a mismatched video and its shown copy in one group (same
+    video_key, the only key they share); without it, groups by the labelled prompt."""
+    shown, other = "a red circle moving left on a black background", "a blue circle moving left on a black background"
+    scores = np.full(1, 5.0, np.float32)
+    ex = [rdata.Example("syn-1", shown, "s", 0, scores, None),
+          rdata.Example("syn-2", other, "s", 1, scores, None, rendered_prompt=shown),
+          rdata.Example(rdata.shown_id("syn-2"), shown, "s", 2, scores, None, rendered_prompt=shown),
+          rdata.Example("syn-3", shown, "s", 3, scores, None),
+          rdata.Example("syn-4", other, "s", 4, scores, None)]
+    assert rdata.prompt_groups(ex, 2) == [[1, 4], [0, 2], [3]]
+    assert rdata.prompt_groups(ex, 2, twins=True) == [[4], [0], [1, 2], [3]]
+    assert rdata.prompt_groups(ex, 3, twins=True) == [[4], [0, 1, 2], [3]]
+    with pytest.raises(ValueError, match="twin pairs need group_size >= 2"):
+        rdata.prompt_groups(ex, 1, twins=True)
+    tokens = {p: (np.zeros(4, np.int32), np.ones(4, np.int32)) for p in (shown, other)}
+    data = rdata.RewardData(ex, {"s": [{"frames": np.zeros((3, 8, 8, 3), np.uint8)}] * 5}, (3, 8, 8), tokens, 1,
+                            (1, 1, 1))
+    keys = [int(data[i]["video_key"]) for i in range(5)]
+    assert keys[1] == keys[2] and len(set(keys)) == 4
+    group = rdata.GroupedSource(data, 3, twins=True)[1]
+    assert group["video_key"].tolist() == [keys[0], keys[1], keys[1]] and group["valid"].tolist() == [1, 1, 1]
+
+
 def test_a_finished_phase_continues_under_the_current_model_config(tmp_path):
     """A finished phase's weights are copied into the model of the current config (a changed option such
     as match_features takes effect next); a trained parameter that no longer fits is a ConfigError."""

@@ -333,7 +333,8 @@ class RewardData:
     `readers`: {source name: random-access object whose item `index` holds `frames`};
     `tokens`: {prompt: (input_ids (S,), mask (S,))}. Items are dicts of numpy arrays:
     frames (F, H, W, 3) uint8, input_ids, text_mask (S,) int32, video_scores (A,),
-    patch_scores (A, Tp, Hp, Wp) float32, has_patch, valid float32, group int32.
+    patch_scores (A, Tp, Hp, Wp) float32, has_patch, valid float32, group int32 (the prompt),
+    video_key int32 (the video: equal for the records of one video, `planned_video_id`).
     """
 
     def __init__(self, examples: Sequence[Example], readers: Mapping[str, Any], clip_shape: Sequence[int],
@@ -347,6 +348,7 @@ class RewardData:
         self.num_aspects = num_aspects
         self.grid = tuple(int(g) for g in grid)
         self.prompt_ids = {p: i for i, p in enumerate(sorted({e.prompt for e in self.examples}))}
+        self.video_keys = {v: i for i, v in enumerate(sorted({planned_video_id(e.video_id) for e in self.examples}))}
         wanted = {e.prompt for e in self.examples} | {p for n in self.negatives or () for p in n}
         missing = sorted(wanted - set(self.tokens))
         if missing:
@@ -390,7 +392,8 @@ class RewardData:
         item = {"frames": self.frames(int(i)), "input_ids": ids, "text_mask": mask,
                 "video_scores": e.video_scores, "patch_scores": patch,
                 "has_patch": np.float32(has_patch), "valid": np.float32(1.0),
-                "group": np.int32(self.prompt_ids[e.prompt])}
+                "group": np.int32(self.prompt_ids[e.prompt]),
+                "video_key": np.int32(self.video_keys[planned_video_id(e.video_id)])}
         if self.negatives is not None:  # padded to num_negatives with the own prompt at valid 0
             mine = self.negatives[int(i)]
             padded = mine + [e.prompt] * (self.num_negatives - len(mine))
@@ -425,28 +428,45 @@ def hard_negatives(examples: Sequence[Example], seed: int, attributes: Sequence[
             for e in examples]
 
 
-def prompt_groups(examples: Sequence[Example], group_size: int) -> list[list[int]]:
-    """Example indices grouped by prompt (sorted by video id), cut into chunks of `group_size`."""
+def prompt_groups(examples: Sequence[Example], group_size: int, twins: bool = False) -> list[list[int]]:
+    """Example indices grouped by prompt (sorted by video id), cut into chunks of `group_size`.
+
+    With `twins`, grouped by the prompt the video shows (`rendered_prompt`, else `prompt`) and cut so that the
+    records of one video (`planned_video_id`: a mismatched video and its `shown_id` copy) share a chunk."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if twins and group_size < 2:
+        raise ValueError(f"twin pairs need group_size >= 2, got {group_size}")
     by_prompt: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
-        by_prompt.setdefault(e.prompt, []).append(i)
+        by_prompt.setdefault((e.rendered_prompt or e.prompt) if twins else e.prompt, []).append(i)
     groups = []
     for prompt in sorted(by_prompt):
         idx = sorted(by_prompt[prompt], key=lambda i: examples[i].video_id)
-        groups += [idx[s:s + group_size] for s in range(0, len(idx), group_size)]
+        if not twins:
+            groups += [idx[s:s + group_size] for s in range(0, len(idx), group_size)]
+            continue
+        units: dict[str, list[int]] = {}  # the records of one video, in id order
+        for i in idx:
+            units.setdefault(planned_video_id(examples[i].video_id), []).append(i)
+        chunk: list[int] = []
+        for unit in units.values():
+            if len(chunk) + len(unit) > group_size:
+                groups.append(chunk)
+                chunk = []
+            chunk += unit
+        groups.append(chunk)
     return groups
 
 
 class GroupedSource:
-    """Random access over prompt groups of a `RewardData`: item g stacks `group_size` examples
+    """Random access over prompt groups of a `RewardData` (`prompt_groups`): item g stacks `group_size` examples
     (a short group repeats its videos with valid = 0). `ids()` names the groups (pipeline checks)."""
 
-    def __init__(self, data: RewardData, group_size: int):
+    def __init__(self, data: RewardData, group_size: int, twins: bool = False):
         self.data = data
         self.group_size = group_size
-        self.groups = prompt_groups(data.examples, group_size)
+        self.groups = prompt_groups(data.examples, group_size, twins)
         if not self.groups:
             raise ValueError("no training examples: every example is held out or rejected; add data or lower "
                              "reward.heldout_fraction")

@@ -10,6 +10,10 @@ where it has patch labels (h_i = 1), predicted and labelled cell scores S_i, Y_i
                     prompt groups, so every batch has pairs)
     patch           L_p    = sum_i w_i h_i mean_{a,cells} (S_i - Y_i)^2 / sum_i w_i h_i
     consistency     L_c    = sum_i w_i mean_a (sg(s_ia) - mean_cells S_ia)^2 / sum_i w_i
+    twins           L_tw   = L_bt over the pairs of records of one video (video_key_i = video_key_j: a
+                             mismatched video and its copy labelled against the prompt it shows, so only
+                             the text tells them apart), of the raw video scores and, in phase 2, of every
+                             cell's raw scores (each cell and aspect a pair of its own)
 
 Phase 0 (the towers' video-text matching, SigLIP's sigmoid loss) on logits L (N, N) of every
 video against every prompt of the batch, with z_ij = +1 when videos i and j share a prompt
@@ -41,8 +45,9 @@ label was near 1, and the raw scores of defective cells drifted to -1000.
 
 `sg` is stop_gradient: the consistency term pulls the patch scale onto the video scale
 learnt in phase 1 and never drags the video head towards the patches (phase 2 must not
-lower video accuracy). Phase 1 minimises `w_reg L_reg + w_bt L_bt`; phase 2 adds
-`w_p L_p + w_c L_c`. Empty sums (no pair, no patch label) give 0, not NaN.
+lower video accuracy). Phase 1 minimises `w_reg L_reg + w_bt L_bt + w_tw L_tw(video)`; phase 2 adds
+`w_p L_p + w_c L_c + w_tw L_tw(cells)`. Empty sums (no pair, no patch label) give 0, not NaN. L_tw shares
+L_bt's margin and temperature; it reads the raw scores (a clipped score would stop at 5 whatever its twin).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ BOUND_BAND = 1.0  # width of the band of raw scores that meets a label at a boun
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-    """Weights of the loss terms (module docstring); `bt_margin` and `bt_temperature` shape L_bt,
+    """Weights of the loss terms (module docstring); `bt_margin` and `bt_temperature` shape L_bt and L_tw,
     `bound_margin` the censored errors of a clipping model."""
 
     regression: float = 1.0
@@ -74,6 +79,7 @@ class LossWeights:
     bt_temperature: float = 1.0
     bound_margin: float = 0.0
     word: float = 0.0
+    twin: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -122,6 +128,14 @@ def bradley_terry_loss(pred: jax.Array, target: jax.Array, groups: jax.Array, we
     return jnp.sum(valid * jax.nn.softplus(-dp)) / jnp.maximum(n, 1.0), n
 
 
+def twin_loss(pred: jax.Array, target: jax.Array, video_key: jax.Array, weight: jax.Array, weights: LossWeights
+              ) -> tuple[jax.Array, jax.Array]:
+    """(L_tw, number of pairs): `bradley_terry_loss` with the records of one video (`video_key` (N,)) as the groups;
+    pred/target (N, K), K aspects or aspects x cells."""
+    return bradley_terry_loss(pred.astype(jnp.float32), target.astype(jnp.float32), video_key, weight,
+                              weights.bt_margin, weights.bt_temperature)
+
+
 def patch_loss(pred: jax.Array, target: jax.Array, weight: jax.Array, raw: jax.Array | None = None,
                margin: float = 0.0) -> jax.Array:
     """L_p: pred/target (N, A, Tp, Hp, Wp), weight (N,) (already times has_patch); `raw`, `margin`: `score_error`."""
@@ -155,8 +169,9 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
     """Total loss and its terms for model outputs `out` ({'video', 'patch'}) on a flat batch.
 
     `batch`: video_scores (N, A), patch_scores (N, A, Tp, Hp, Wp), has_patch (N,), valid (N,),
-    group (N,). Phase 1: video terms; phase 2: video + patch + consistency terms. Raw scores in `out`
-    ('video_raw', 'patch_raw': a clipping model) make the squared errors censored ones.
+    group (N,), and with `weights.twin` video_key (N,). Phase 1: video terms; phase 2: video + patch +
+    consistency terms. Raw scores in `out` ('video_raw', 'patch_raw': a clipping model) make the squared
+    errors censored ones.
     """
     if phase not in (1, 2):
         raise ValueError(f"phase must be 1 or 2, got {phase}")
@@ -175,6 +190,10 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
         bt, pairs = bradley_terry_loss(video, y, batch["group"], w, weights.bt_margin, weights.bt_temperature)
         total = total + weights.bradley_terry * bt
         metrics["bradley_terry"], metrics["bt_pairs"] = bt, pairs
+    if weights.twin > 0:
+        tw, pairs = twin_loss(out.get("video_raw", video), y, batch["video_key"], w, weights)
+        total = total + weights.twin * tw
+        metrics["twin"], metrics["twin_pairs"] = tw, pairs
     if phase == 2:
         patch = out["patch"].astype(jnp.float32)
         wp = w * batch["has_patch"].astype(jnp.float32)
@@ -184,6 +203,12 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
         lc = consistency_loss(video, patch, w)
         total = total + weights.patch * lp + weights.consistency * lc
         metrics["patch_mse"], metrics["consistency"] = lp, lc
+        if weights.twin > 0:
+            raw = out.get("patch_raw", out["patch"]).astype(jnp.float32)
+            tw, pairs = twin_loss(raw.reshape(raw.shape[0], -1), batch["patch_scores"].reshape(raw.shape[0], -1),
+                                  batch["video_key"], wp, weights)
+            total = total + weights.twin * tw
+            metrics["patch_twin"], metrics["patch_twin_pairs"] = tw, pairs
         metrics["patch_videos"] = jnp.sum(wp)
     return total, metrics
 

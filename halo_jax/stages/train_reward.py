@@ -57,7 +57,7 @@ from halo_jax.train.loop import train_loop
 from halo_jax.train.metrics import MetricsWriter, Progress
 
 BATCH_NDIMS = {"frames": 5, "input_ids": 2, "text_mask": 2, "video_scores": 2, "patch_scores": 5, "has_patch": 1,
-               "valid": 1, "group": 1}
+               "valid": 1, "group": 1, "video_key": 1}
 NEGATIVE_NDIMS = {"negative_ids": 3, "negative_mask": 3, "negative_group": 2, "negative_valid": 2}  # phase 0's
 
 
@@ -402,7 +402,8 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
         ckpt, lambda p: state_lib.init_train_state(p, tx, config.seed + phase), shardings,
         state_lib.pure(params))
     rows = distributed.process_local_rows(section.batch_size, batch_shardings["valid"])  # videos; whole groups
-    data = make_data(train, g, section.batch_size // g, slice(rows.start // g, rows.stop // g), config.seed + phase)
+    data = make_data(train, g, section.batch_size // g, slice(rows.start // g, rows.stop // g), config.seed + phase,
+                     twins=phase > 0 and weights.twin > 0)
     if extra:
         data.set_state(extra["data"])
         logging.info("train_reward: phase %d resumed at step %d", phase, int(jax.device_get(state["step"])))
@@ -439,12 +440,14 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
     return model, report or _read_json(root / f"eval_phase{phase}.json")
 
 
-def make_data(train: rdata.RewardData, group_size: int, global_groups: int, rows: slice, seed: int):
-    """The endless, checkpointable iterator of this process's flat batches of prompt groups: its `rows`
-    (in groups) of every global batch of `global_groups` groups, which do not depend on the process count."""
+def make_data(train: rdata.RewardData, group_size: int, global_groups: int, rows: slice, seed: int,
+              twins: bool = False):
+    """The endless, checkpointable iterator of this process's flat batches of prompt groups (`twins`:
+    `rdata.prompt_groups`): its `rows` (in groups) of every global batch of `global_groups` groups, which do
+    not depend on the process count."""
     from halo_jax.data.pipeline import make_global_iterator
 
-    return make_global_iterator(rdata.GroupedSource(train, group_size), global_batch=global_groups, seed=seed,
+    return make_global_iterator(rdata.GroupedSource(train, group_size, twins), global_batch=global_groups, seed=seed,
                                 rows=rows, batch_fn=rdata.concat_groups, prefetch=2)
 
 
