@@ -109,6 +109,9 @@ def test_report_and_table():
     assert metrics.format_report({**rep, "text_reading": reading}).splitlines()[-1] == (
         "text reading: 0.750 of 8 videos labelled against an altered prompt score higher text alignment with the "
         "prompt they show (chance 0.5); colour changed 1.000; motion changed 0.500")
+    reading["cells"] = {"accuracy": 0.5, "cells": 12, "by_attribute": {"shape": 0.25}}
+    assert metrics.format_report({**rep, "text_reading": reading}).splitlines()[-1] == (
+        "cell text reading: 0.500 of their 12 cells labelled below the threshold; shape changed 0.250")
     # the overall reward R = sum_a w_a s_a / sum_a w_a of prediction and label: y predicted backwards
     mixed = np.stack([vt[:, 0], -vt[:, 1]], 1)
     for w, expected in (((1.0, 0.0), 1.0), ((0.0, 2.0), -1.0)):

@@ -382,7 +382,9 @@ def test_synthetic_videos_with_mismatched_prompts(tmp_path):
         def score(self, frames, prompts):
             assert len(frames) == len(prompts) == 4
             shown = [e.rendered_prompt for e in examples if not e.prompt_is_rendered]
-            return {"video": np.array([[5.0, 4.0 if p in shown else 2.0] for p in prompts])}
+            ta = np.array([4.0 if p in shown else 2.0 for p in prompts])
+            return {"video": np.stack([np.full(4, 5.0), ta], axis=1),
+                    "patch": np.broadcast_to(ta[:, None, None, None, None], (4, 2, 1, 2, 2)).copy()}
 
     labelled = np.array([2.0 if e.prompt_is_rendered else 3.0 for e in examples])  # scores with their own prompts
     changed = {shapes.changed_attribute(e.rendered_prompt, e.prompt) for e in examples if not e.prompt_is_rendered}
@@ -392,3 +394,12 @@ def test_synthetic_videos_with_mismatched_prompts(tmp_path):
         assert train_reward.text_reading(Reader(), held, labelled + offset, 1) == {
             "accuracy": accuracy, "videos": 4, "by_attribute": by_attribute}
     assert train_reward.text_reading(Reader(), held.subset(lambda e: e.prompt_is_rendered), labelled[:4], 1) is None
+    # cells: those labelled below the threshold against the altered prompt, scored again with the shown one
+    altered = [e for e in examples if not e.prompt_is_rendered]
+    low = np.stack([e.patch_scores[1] for e in altered]) < 3.0
+    assert low.any()
+    cell_scores = np.where(np.stack([e.patch_scores[1] for e in examples]) < 3.0, 4.0, 1.0)  # ties where low
+    cells = train_reward.text_reading(Reader(), held, labelled, 1, cell_scores)["cells"]
+    assert cells["cells"] == int(low.sum()) and cells["accuracy"] == 0.5
+    assert set(cells["by_attribute"]) <= set(shapes.ATTRIBUTES)
+    assert train_reward.text_reading(Reader(), held, labelled, 1, cell_scores - 3.0)["cells"]["accuracy"] == 1.0

@@ -226,4 +226,8 @@ def format_report(report: dict, title: str = "") -> str:
         lines.append(f"text reading: {t['accuracy']:.3f} of {t['videos']} videos labelled against an altered prompt "
                      "score higher text alignment with the prompt they show (chance 0.5)"
                      + "".join(f"; {a} changed {v:.3f}" for a, v in t.get("by_attribute", {}).items()))
+        if "cells" in t:
+            c = t["cells"]
+            lines.append(f"cell text reading: {c['accuracy']:.3f} of their {c['cells']} cells labelled below the "
+                         "threshold" + "".join(f"; {a} changed {v:.3f}" for a, v in c.get("by_attribute", {}).items()))
     return "\n".join(lines)

@@ -253,18 +253,23 @@ def evaluate(model, tokenizer, text_max_length: int, held: rdata.RewardData, con
         weights=config_aspect_weights(config, aspects))
     if "text_alignment" in aspects:
         ta = aspects.index("text_alignment")
-        reading = text_reading(scorer, held, video_pred[:, ta], ta)
+        reading = text_reading(scorer, held, video_pred[:, ta], ta, np.concatenate(pp)[:, ta],
+                               float(config.defect_threshold))
         if reading is not None:
             report["text_reading"] = reading
     return report
 
 
-def text_reading(scorer, held: rdata.RewardData, text_alignment, aspect: int) -> dict | None:
+def text_reading(scorer, held: rdata.RewardData, text_alignment, aspect: int, patch_text_alignment=None,
+                 threshold: float = 3.0) -> dict | None:
     """Does the model read the prompt? Each held-out video labelled against an altered prompt is scored again
     with the prompt it was rendered from: {"accuracy": share whose text alignment is higher for the rendered
     prompt (ties count half; chance 0.5), "videos": n}, and for shapes-world prompts "by_attribute": {colour /
     shape / motion: that share among the videos whose prompt had that attribute changed}; None without such
-    videos. `text_alignment` (N,) are the held-out videos' scores with their labelled prompts."""
+    videos. `text_alignment` (N,) are the held-out videos' scores with their labelled prompts.
+
+    With their cells' scores `patch_text_alignment` (N, Tp, Hp, Wp), also "cells": the same shares over the cells
+    of those videos labelled below `threshold` against the altered prompt ("accuracy", "cells", "by_attribute")."""
     import numpy as np
 
     from halo_jax.data.shapes import ATTRIBUTES, changed_attribute
@@ -272,16 +277,25 @@ def text_reading(scorer, held: rdata.RewardData, text_alignment, aspect: int) ->
     altered = [i for i, e in enumerate(held.examples) if not e.prompt_is_rendered]
     if not altered:
         return None
-    shown = scorer.score([held.frames(i) for i in altered],
-                         [held.examples[i].rendered_prompt for i in altered])["video"][:, aspect]
-    theirs = np.asarray(text_alignment)[altered]
-    hits = (shown > theirs) + 0.5 * (shown == theirs)
-    report = {"accuracy": float(np.mean(hits)), "videos": len(altered)}
+    shown = scorer.score([held.frames(i) for i in altered], [held.examples[i].rendered_prompt for i in altered])
     changed = np.array([str(changed_attribute(held.examples[i].rendered_prompt, held.examples[i].prompt))
                         for i in altered])
-    by_attribute = {a: float(np.mean(hits[changed == a])) for a in ATTRIBUTES if np.any(changed == a)}
-    if by_attribute:
-        report["by_attribute"] = by_attribute
+
+    def shares(mine, theirs, attribute) -> dict:
+        hits = (mine > theirs) + 0.5 * (mine == theirs)
+        out = {"accuracy": float(np.mean(hits))}
+        by_attribute = {a: float(np.mean(hits[attribute == a])) for a in ATTRIBUTES if np.any(attribute == a)}
+        return {**out, "by_attribute": by_attribute} if by_attribute else out
+
+    report = shares(shown["video"][:, aspect], np.asarray(text_alignment)[altered], changed)
+    report = {"accuracy": report.pop("accuracy"), "videos": len(altered), **report}
+    labels = [held.examples[i].patch_scores for i in altered]
+    if patch_text_alignment is not None and all(y is not None for y in labels):
+        low = np.stack(labels)[:, aspect] < threshold  # (n, Tp, Hp, Wp)
+        if low.any():
+            cells = shares(shown["patch"][:, aspect][low], np.asarray(patch_text_alignment)[altered][low],
+                           np.broadcast_to(changed[:, None, None, None], low.shape)[low])
+            report["cells"] = {"accuracy": cells.pop("accuracy"), "cells": int(low.sum()), **cells}
     return report
 
 
