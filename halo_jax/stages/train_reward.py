@@ -281,21 +281,21 @@ def text_reading(scorer, held: rdata.RewardData, text_alignment, aspect: int, pa
     changed = np.array([str(changed_attribute(held.examples[i].rendered_prompt, held.examples[i].prompt))
                         for i in altered])
 
-    def shares(mine, theirs, attribute) -> dict:
+    def shares(mine, theirs, attribute, count_name: str, count: int) -> dict:
+        """{"accuracy", count_name: count, "by_attribute" (when any is known)} of mine > theirs, ties half."""
         hits = (mine > theirs) + 0.5 * (mine == theirs)
-        out = {"accuracy": float(np.mean(hits))}
+        out = {"accuracy": float(np.mean(hits)), count_name: count}
         by_attribute = {a: float(np.mean(hits[attribute == a])) for a in ATTRIBUTES if np.any(attribute == a)}
         return {**out, "by_attribute": by_attribute} if by_attribute else out
 
-    report = shares(shown["video"][:, aspect], np.asarray(text_alignment)[altered], changed)
-    report = {"accuracy": report.pop("accuracy"), "videos": len(altered), **report}
+    report = shares(shown["video"][:, aspect], np.asarray(text_alignment)[altered], changed, "videos", len(altered))
     labels = [held.examples[i].patch_scores for i in altered]
     if patch_text_alignment is not None and all(y is not None for y in labels):
         low = np.stack(labels)[:, aspect] < threshold  # (n, Tp, Hp, Wp)
         if low.any():
-            cells = shares(shown["patch"][:, aspect][low], np.asarray(patch_text_alignment)[altered][low],
-                           np.broadcast_to(changed[:, None, None, None], low.shape)[low])
-            report["cells"] = {"accuracy": cells.pop("accuracy"), "cells": int(low.sum()), **cells}
+            report["cells"] = shares(shown["patch"][:, aspect][low], np.asarray(patch_text_alignment)[altered][low],
+                                     np.broadcast_to(changed[:, None, None, None], low.shape)[low], "cells",
+                                     int(low.sum()))
     return report
 
 
