@@ -261,3 +261,30 @@ def test_twin_loss_ranks_the_records_of_one_video_on_raw_scores():
     assert float(total - off) == pytest.approx(2.0 * (float(m["twin"]) + float(m["patch_twin"])), rel=1e-5)
     _, m1 = losses.reward_losses(clipped, batch, weights, phase=1)
     assert "patch_twin" not in m1 and float(m1["twin"]) == pytest.approx(float(m["twin"]))
+
+
+def test_cell_ranking_loss_ranks_the_cells_of_one_video_on_raw_scores():
+    """L_cr (phase 2): Bradley-Terry over pairs of cells of one video and aspect whose labels differ by more than
+    the margin, on the raw cell scores; cells of different videos, and videos without patch labels, form no pair."""
+    rng = np.random.default_rng(6)
+    n, a = 4, 2
+    patch_raw = rng.normal(3, 2, (n, a, 2, 2, 1))
+    patch_target = np.round(rng.uniform(1, 5, (n, a, 2, 2, 1)))
+    w, has_patch = np.array([1, 1, 0, 1], float), np.array([1, 1, 1, 0], float)
+    weights = losses.LossWeights(bradley_terry=0.0, consistency=0.0, cell_ranking=3.0, bt_margin=0.5,
+                                 bt_temperature=2.0)
+    pred, y = patch_raw.reshape(n, a, -1), patch_target.reshape(n, a, -1)
+    terms = [math.log1p(math.exp(-(pred[v, k, i] - pred[v, k, j]) / 2.0))
+             for v in range(n) for k in range(a) for i, j in itertools.permutations(range(4), 2)
+             if w[v] * has_patch[v] > 0 and y[v, k, i] - y[v, k, j] > 0.5]
+    batch = {"video_scores": jnp.full((n, a), 3.0), "patch_scores": jnp.asarray(patch_target),
+             "has_patch": jnp.asarray(has_patch), "valid": jnp.asarray(w), "group": jnp.arange(n)}
+    out = {"video": jnp.full((n, a), 3.0), "patch": jnp.clip(jnp.asarray(patch_raw), 1, 5),
+           "video_raw": jnp.full((n, a), 3.0), "patch_raw": jnp.asarray(patch_raw)}
+    total, m = losses.reward_losses(out, batch, weights, phase=2)
+    assert int(m["cell_ranking_pairs"]) == len(terms) > 0
+    assert float(m["cell_ranking"]) == pytest.approx(np.mean(terms), rel=1e-5)
+    off, _ = losses.reward_losses(out, batch, dataclasses.replace(weights, cell_ranking=0.0), phase=2)
+    assert float(total - off) == pytest.approx(3.0 * np.mean(terms), rel=1e-5)
+    _, m1 = losses.reward_losses(out, batch, weights, phase=1)
+    assert "cell_ranking" not in m1

@@ -14,6 +14,9 @@ where it has patch labels (h_i = 1), predicted and labelled cell scores S_i, Y_i
                              mismatched video and its copy labelled against the prompt it shows, so only
                              the text tells them apart), of the raw video scores and, in phase 2, of every
                              cell's raw scores (each cell and aspect a pair of its own)
+    cell ranking    L_cr   = L_bt over the pairs of cells of one video (and aspect) whose labels differ by more
+                             than the margin, of the raw cell scores: phase 2; a score the whole clip shares
+                             cancels in every pair, so only what tells one cell from another learns from it
 
 Phase 0 (the towers' video-text matching, SigLIP's sigmoid loss) on logits L (N, N) of every
 video against every prompt of the batch, with z_ij = +1 when videos i and j share a prompt
@@ -46,7 +49,7 @@ label was near 1, and the raw scores of defective cells drifted to -1000.
 `sg` is stop_gradient: the consistency term pulls the patch scale onto the video scale
 learnt in phase 1 and never drags the video head towards the patches (phase 2 must not
 lower video accuracy). Phase 1 minimises `w_reg L_reg + w_bt L_bt + w_tw L_tw(video)`; phase 2 adds
-`w_p L_p + w_c L_c + w_tw L_tw(cells)`. Empty sums (no pair, no patch label) give 0, not NaN. L_tw shares
+`w_p L_p + w_c L_c + w_tw L_tw(cells) + w_cr L_cr`. Empty sums (no pair, no patch label) give 0, not NaN. L_tw shares
 L_bt's margin and temperature; it reads the raw scores (a clipped score would stop at 5 whatever its twin).
 """
 
@@ -80,6 +83,7 @@ class LossWeights:
     bound_margin: float = 0.0
     word: float = 0.0
     twin: float = 0.0
+    cell_ranking: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -119,7 +123,7 @@ def regression_loss(pred: jax.Array, target: jax.Array, weight: jax.Array, raw: 
 
 def bradley_terry_loss(pred: jax.Array, target: jax.Array, groups: jax.Array, weight: jax.Array,
                        margin: float = 0.0, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """(L_bt, number of pairs): pred/target (N, A), groups (N,) ints, weight (N,) (pairs need both > 0)."""
+    """(L_bt, number of pairs): pred/target (N, K), groups (N,) ints, weight (N,) (pairs need both > 0)."""
     dt = target[:, None, :] - target[None, :, :]  # (N, N, A): y_i - y_j
     dp = (pred[:, None, :] - pred[None, :, :]) / temperature
     same = (groups[:, None] == groups[None, :]) & (weight[:, None] > 0) & (weight[None, :] > 0)
@@ -134,6 +138,18 @@ def twin_loss(pred: jax.Array, target: jax.Array, video_key: jax.Array, weight: 
     pred/target (N, K), K aspects or aspects x cells."""
     return bradley_terry_loss(pred.astype(jnp.float32), target.astype(jnp.float32), video_key, weight,
                               weights.bt_margin, weights.bt_temperature)
+
+
+def cell_ranking_loss(raw: jax.Array, target: jax.Array, weight: jax.Array, weights: LossWeights
+                      ) -> tuple[jax.Array, jax.Array]:
+    """(L_cr, number of pairs): raw/target (N, A, Tp, Hp, Wp), weight (N,) (already times has_patch):
+    `bradley_terry_loss` with the cells as the rows, one group, and every (video, aspect) a column of its own."""
+    # a video without weight gets constant targets: no pair of its cells has a label difference
+    target = target.astype(jnp.float32) * (weight > 0)[:, None, None, None, None]
+    rows, cols = raw[0, 0].size, raw.shape[0] * raw.shape[1]
+    pred, target = (x.astype(jnp.float32).reshape(cols, rows).T for x in (raw, target))  # (cells, N A)
+    return bradley_terry_loss(pred, target, jnp.zeros(rows, jnp.int32), jnp.ones(rows), weights.bt_margin,
+                              weights.bt_temperature)
 
 
 def patch_loss(pred: jax.Array, target: jax.Array, weight: jax.Array, raw: jax.Array | None = None,
@@ -209,6 +225,10 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
                                   batch["video_key"], wp, weights)
             total = total + weights.twin * tw
             metrics["patch_twin"], metrics["patch_twin_pairs"] = tw, pairs
+        if weights.cell_ranking > 0:
+            cr, pairs = cell_ranking_loss(out.get("patch_raw", out["patch"]), batch["patch_scores"], wp, weights)
+            total = total + weights.cell_ranking * cr
+            metrics["cell_ranking"], metrics["cell_ranking_pairs"] = cr, pairs
         metrics["patch_videos"] = jnp.sum(wp)
     return total, metrics
 
