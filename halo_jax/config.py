@@ -224,7 +224,8 @@ def reward_config() -> ml_collections.ConfigDict:
         # of depth 0; reward/losses.py)
         # twin: phases 1-2's Bradley-Terry weight over the records of one video (a mismatched video and its copy
         # labelled against the prompt it shows: synthetic.mismatch_pairs), its score and its cells' (reward/losses.py);
-        # > 0 also groups the videos by the prompt they show, each video's records in one group
+        # > 0 also groups the videos by the prompt they show, each video's records in one group (a warning when
+        # no training video has two records)
         # cell_ranking: phase 2's Bradley-Terry weight over the cells of one video (reward/losses.py)
         "losses": {"regression": 1.0, "bradley_terry": 0.5, "bt_margin": 0.25, "bt_temperature": 1.0,
                    "patch": 1.0, "consistency": 0.1, "bound_margin": 0.0, "word": 0.0, "twin": 0.0,

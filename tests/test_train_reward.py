@@ -10,6 +10,7 @@ folder, this module only) lets the repeated runs reuse the compiled steps.
 """
 
 import json
+import logging
 import math
 import shutil
 
@@ -26,6 +27,7 @@ from halo_jax.data import shapes
 from halo_jax.data.stores import RolloutRecord, StoreReader, StoreWriter
 from halo_jax.parallel.mesh import make_mesh
 from halo_jax.reward import data as rdata
+from halo_jax.reward.losses import LossWeights
 from halo_jax.reward.model_io import create_model, load_reward_model, tokenize
 from halo_jax.stages import score as score_stage
 from halo_jax.stages import train_reward
@@ -192,7 +194,7 @@ def test_hard_negatives_change_one_attribute_and_ride_along_in_the_items():
             train_reward.negative_attributes(section)
 
 
-def test_twin_groups_keep_the_records_of_one_video_together():
+def test_twin_groups_keep_the_records_of_one_video_together(caplog):
     """losses.twin: groups by the prompt a video shows, a mismatched video and its shown copy in one group (same
     video_key, the only key they share); without it, groups by the labelled prompt."""
     shown, other = "a red circle moving left on a black background", "a blue circle moving left on a black background"
@@ -214,6 +216,14 @@ def test_twin_groups_keep_the_records_of_one_video_together():
     assert keys[1] == keys[2] and len(set(keys)) == 4
     group = rdata.GroupedSource(data, 3, twins=True)[1]
     assert group["video_key"].tolist() == [keys[0], keys[1], keys[1]] and group["valid"].tolist() == [1, 1, 1]
+    # a twin weight without a video's second record warns that its loss is 0
+    weights = LossWeights(twin=0.5)
+    assert not train_reward.warn_without_twins(weights, data)
+    alone = data.subset(lambda e: e.video_id != rdata.shown_id("syn-2"))
+    with caplog.at_level(logging.WARNING):
+        assert train_reward.warn_without_twins(weights, alone)
+    assert "reward.synthetic.mismatch_pairs=True" in caplog.text
+    assert not train_reward.warn_without_twins(LossWeights(), alone)
 
 
 def test_a_finished_phase_continues_under_the_current_model_config(tmp_path):

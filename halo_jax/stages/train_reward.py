@@ -454,6 +454,17 @@ def run_phase(phase: int, model, config, root: Path, train: rdata.RewardData, he
     return model, report or _read_json(root / f"eval_phase{phase}.json")
 
 
+def warn_without_twins(weights: LossWeights, train: rdata.RewardData) -> bool:
+    """Warn (and return True) when `weights.twin` > 0 but no training video has two records: L_tw would be 0."""
+    if weights.twin <= 0 or len(train.video_keys) < len(train):
+        return False
+    logging.warning("train_reward: reward.losses.twin=%g but no training video has a second record (a mismatched "
+                    "video kept again under the prompt it shows), so the twin loss is 0: set "
+                    "reward.synthetic.mismatch_pairs=True with reward.synthetic.mismatch_fraction > 0, or "
+                    "reward.losses.twin=0", weights.twin)
+    return True
+
+
 def make_data(train: rdata.RewardData, group_size: int, global_groups: int, rows: slice, seed: int,
               twins: bool = False):
     """The endless, checkpointable iterator of this process's flat batches of prompt groups (`twins`:
@@ -516,6 +527,7 @@ def run(config, workdir: str) -> Path:
     tokens = tokenize(tokenizer, prompts, max_length)
     train = rdata.RewardData(train_ex, readers, clip, tokens, len(aspects), grid)
     held = rdata.RewardData(held_ex, readers, clip, tokens, len(aspects), grid)
+    warn_without_twins(weights, train)
 
     model = create_model(cfg, mesh, config.sharding.rules, seed=config.seed, siglip_path=r.siglip_path,
                          dtype=dtype_of(r.dtype))
