@@ -70,6 +70,10 @@ def get_config(variant: str = "accelerator"):
     # it shows, the same pixels: the text's share of the error alone (README, :cpu: video text alignment 0.903 ->
     # 0.911, patch 0.823 -> 0.831; docs/architecture.md, "Twins")
     r.losses.twin = 0.5
+    # phase 2 also ranks the cells of each video by their labels: a score the whole clip shares cancels in every
+    # pair, so what tells one cell from another learns from it (README, :cpu, weights 0 / 1 / 2 / 3: patch text
+    # alignment 0.831 / 0.843 / W2 / 0.852; docs/architecture.md, "Cell ranking")
+    r.losses.cell_ranking = 3.0
     # a quarter of the videos labelled against an altered prompt: text alignment that needs the text; each
     # of them is also kept labelled against the prompt it shows (the same pixels under both texts)
     r.synthetic.mismatch_fraction = 0.25
