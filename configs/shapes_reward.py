@@ -72,7 +72,7 @@ def get_config(variant: str = "accelerator"):
     r.losses.twin = 0.5
     # phase 2 also ranks the cells of each video by their labels: a score the whole clip shares cancels in every
     # pair, so what tells one cell from another learns from it (README, :cpu, weights 0 / 1 / 2 / 3: patch text
-    # alignment 0.831 / 0.843 / W2 / 0.852; docs/architecture.md, "Cell ranking")
+    # alignment 0.831 / 0.843 / 0.844 / 0.852; docs/architecture.md, "Cell ranking")
     r.losses.cell_ranking = 3.0
     # a quarter of the videos labelled against an altered prompt: text alignment that needs the text; each
     # of them is also kept labelled against the prompt it shows (the same pixels under both texts)
