@@ -196,7 +196,8 @@ def test_hard_negatives_change_one_attribute_and_ride_along_in_the_items():
 
 def test_twin_groups_keep_the_records_of_one_video_together(caplog):
     """losses.twin: groups by the prompt a video shows, a mismatched video and its shown copy in one group (same
-    video_key, the only key they share); without it, groups by the labelled prompt."""
+    video_key, the only key they share); without it, groups by the labelled prompt. A twin weight with no second
+    record to pair warns."""
     shown, other = "a red circle moving left on a black background", "a blue circle moving left on a black background"
     scores = np.full(1, 5.0, np.float32)
     ex = [rdata.Example("syn-1", shown, "s", 0, scores, None),
