@@ -124,7 +124,7 @@ def regression_loss(pred: jax.Array, target: jax.Array, weight: jax.Array, raw: 
 def bradley_terry_loss(pred: jax.Array, target: jax.Array, groups: jax.Array, weight: jax.Array,
                        margin: float = 0.0, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """(L_bt, number of pairs): pred/target (N, K), groups (N,) ints, weight (N,) (pairs need both > 0)."""
-    dt = target[:, None, :] - target[None, :, :]  # (N, N, A): y_i - y_j
+    dt = target[:, None, :] - target[None, :, :]  # (N, N, K): y_i - y_j
     dp = (pred[:, None, :] - pred[None, :, :]) / temperature
     same = (groups[:, None] == groups[None, :]) & (weight[:, None] > 0) & (weight[None, :] > 0)
     valid = (same[..., None] & (dt > margin)).astype(jnp.float32)
@@ -219,14 +219,14 @@ def reward_losses(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
         lc = consistency_loss(video, patch, w)
         total = total + weights.patch * lp + weights.consistency * lc
         metrics["patch_mse"], metrics["consistency"] = lp, lc
+        raw = out.get("patch_raw", out["patch"]).astype(jnp.float32)  # the ranking terms read raw cell scores
         if weights.twin > 0:
-            raw = out.get("patch_raw", out["patch"]).astype(jnp.float32)
             tw, pairs = twin_loss(raw.reshape(raw.shape[0], -1), batch["patch_scores"].reshape(raw.shape[0], -1),
                                   batch["video_key"], wp, weights)
             total = total + weights.twin * tw
             metrics["patch_twin"], metrics["patch_twin_pairs"] = tw, pairs
         if weights.cell_ranking > 0:
-            cr, pairs = cell_ranking_loss(out.get("patch_raw", out["patch"]), batch["patch_scores"], wp, weights)
+            cr, pairs = cell_ranking_loss(raw, batch["patch_scores"], wp, weights)
             total = total + weights.cell_ranking * cr
             metrics["cell_ranking"], metrics["cell_ranking_pairs"] = cr, pairs
         metrics["patch_videos"] = jnp.sum(wp)
