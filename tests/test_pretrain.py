@@ -103,6 +103,43 @@ def test_foreground_weights_mark_pixels_off_the_clip_median_colour():
     np.testing.assert_array_equal(w, expected)
 
 
+def test_between_clip_share_is_the_part_of_each_channels_variance_between_clip_means():
+    from halo_jax.train.objectives import between_clip_share
+
+    rng = np.random.default_rng(0)
+    pattern = rng.normal(size=(1, 2, 3, 4, 4)).astype(np.float32)
+    pattern -= pattern.mean(axis=(2, 3, 4), keepdims=True)       # zero-mean within the clip
+    same = np.repeat(pattern, 4, axis=0)
+    assert float(between_clip_share(same)) == pytest.approx(0.0, abs=1e-6)
+    offsets = np.array([-1.0, 1.0, -1.0, 1.0], np.float32)[:, None, None, None, None]
+    # channel c: within-clip variance v_c, between-clip variance 1 (offsets +-1): share 1 / (1 + v_c)
+    v = pattern.var(axis=(0, 2, 3, 4))
+    assert float(between_clip_share(same + offsets)) == pytest.approx(float(np.mean(1 / (1 + v))), rel=1e-4)
+
+
+def test_vae_loss_penalises_the_between_clip_share_above_its_bound():
+    from halo_jax.train.objectives import between_clip_share, vae_loss
+
+    class OffsetVAE:  # posterior mean: the video plus a per-clip offset; decoding is the identity
+        def encode_posterior(self, x):
+            return x + np.array([0.0, 2.0], np.float32)[:, None, None, None, None], np.zeros_like(x)
+
+        def decode(self, z, clip):
+            return z
+
+    video = np.random.default_rng(1).uniform(-1, 1, (2, 3, 1, 4, 4)).astype(np.float32)
+    key = jax.random.key(0)
+    plain, metrics = vae_loss(OffsetVAE(), {"video": video}, key, kl_weight=0.0)
+    assert "between_clip" not in metrics
+    share = float(between_clip_share(OffsetVAE().encode_posterior(video)[0]))
+    assert 0.5 < share < 1.0
+    for bound, excess in ((0.1, share - 0.1), (0.99, 0.0)):
+        loss, metrics = vae_loss(OffsetVAE(), {"video": video}, key, kl_weight=0.0, background_weight=2.0,
+                                 background_share=bound)
+        assert float(metrics["between_clip"]) == pytest.approx(share, rel=1e-6)
+        assert float(loss) == pytest.approx(float(plain) + 2.0 * excess, rel=1e-5)
+
+
 def test_prompt_reliance_is_zero_for_a_denoiser_blind_to_its_prompt():
     import jax
     import jax.numpy as jnp

@@ -189,7 +189,9 @@ def run(config, workdir: str) -> Path:
                                         rows=distributed.process_local_rows(batch, batch_sharding(mesh, 5)),
                                         transform=lambda r: {"video": r["video"]})
             loss = functools.partial(vae_loss, kl_weight=cfg.vae.kl_weight, foreground_weight=foreground_weight,
-                                     posterior_noise=cfg.vae.posterior_noise)
+                                     posterior_noise=cfg.vae.posterior_noise,
+                                     background_weight=cfg.vae.background_weight,
+                                     background_share=cfg.vae.background_share)
             vae = _train(vae, loss, data, {"video": batch_sharding(mesh, 5)}, cfg.vae, steps, sub, config,
                          f"pretrain/vae/{sub.name}")
             if distributed.is_main_process():

@@ -21,11 +21,17 @@ VAE (the Wan VAE trained on rendered videos x in [-1, 1]):
 
     (μ, log σ²) = encode(x),  z = μ + posterior_noise · σ ε,  x̂ = decode(z)
     L_vae = Σ w|x̂ − x| / Σ w + Σ w(x̂ − x)² / Σ w + kl_weight · mean_z ½(μ² + σ² − log σ² − 1)
+            + background_weight · max(0, share − background_share)
+    share = mean_c Var_b(m_bc) / Var_{b,f,h,w}(μ_c),   m_bc = mean_{f,h,w} μ_bc
 
     with per-pixel weights w = 1 + foreground_weight · [the pixel differs from its clip's
     median colour by more than 0.1 in some channel]. The world's backgrounds are flat and its
     objects cover ~5% of a frame, so an unweighted loss is minimised by painting background
     everywhere; the weight makes a missed object cost as much as the rest of the frame.
+    `share` is the part of each latent channel's variance over the batch that lies between clips, which in
+    this world is the background's offset (per-channel normalisation of the latents keeps it). Left alone
+    it is half the variance, and a denoiser spends itself on the three latent levels rather than on where
+    the objects go; the last term holds it at most at `background_share`, relative to what the objects write.
 """
 
 from __future__ import annotations
@@ -96,9 +102,18 @@ def foreground_weights(x: jax.Array, foreground_weight: float, tolerance: float 
     return 1.0 + foreground_weight * foreground.astype(x.dtype)
 
 
+def between_clip_share(mean: jax.Array) -> jax.Array:
+    """mean_c Var_b(m_bc) / Var_{b,f,h,w}(μ_c) of posterior means `mean` (B, C, f, h, w), m_bc their clip means."""
+    between = jnp.var(jnp.mean(mean, axis=(2, 3, 4)), axis=0)
+    total = jnp.var(jnp.moveaxis(mean, 1, 0).reshape(mean.shape[1], -1), axis=1)
+    return jnp.mean(between / (total + 1e-6))
+
+
 def vae_loss(vae: Any, batch: dict, key: jax.Array, *, kl_weight: float, foreground_weight: float = 0.0,
-             posterior_noise: float = 1.0) -> tuple[jax.Array, dict]:
-    """`batch["video"]`: (B, 3, F, H, W) in [-1, 1]; weighted reconstruction (L1 + L2) plus a weighted KL."""
+             posterior_noise: float = 1.0, background_weight: float = 0.0,
+             background_share: float = 0.0) -> tuple[jax.Array, dict]:
+    """`batch["video"]`: (B, 3, F, H, W) in [-1, 1]; weighted reconstruction (L1 + L2), a weighted KL and the
+    weighted excess of the between-clip share of the latents' variance over `background_share`."""
     x = batch["video"].astype(jnp.float32)
     mean, logvar = vae.encode_posterior(x)
     z = mean + posterior_noise * jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
@@ -108,5 +123,10 @@ def vae_loss(vae: Any, batch: dict, key: jax.Array, *, kl_weight: float, foregro
     l1 = jnp.sum(w * jnp.abs(err)) / jnp.sum(w)
     l2 = jnp.sum(w * err**2) / jnp.sum(w)
     kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - logvar - 1.0)
-    return l1 + l2 + kl_weight * kl, {"l1": l1, "l2": l2, "kl": kl,
-                                      "foreground_l1": jnp.sum((w > 1) * jnp.abs(err)) / jnp.maximum(jnp.sum(w > 1), 1)}
+    loss = l1 + l2 + kl_weight * kl
+    metrics = {"l1": l1, "l2": l2, "kl": kl,
+               "foreground_l1": jnp.sum((w > 1) * jnp.abs(err)) / jnp.maximum(jnp.sum(w > 1), 1)}
+    if background_weight > 0.0:  # a Python branch: without the term the compiled step is the one shipped before it
+        metrics["between_clip"] = share = between_clip_share(mean)
+        loss = loss + background_weight * jnp.maximum(share - background_share, 0.0)
+    return loss, metrics
