@@ -110,8 +110,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
             "num_seeds": 256, "kl_weight": 1e-4, "posterior_noise": 0.1,
             # with background_weight > 0, the share of the latents' variance between clips (the background's
             # offset) is held at most at background_share by a penalty of that weight on the excess
-            # (train/objectives.vae_loss). Off: 1.0 / 0.02 made the DiT read the direction word, not draw better
-            # (docs/architecture.md, session 33)
+            # (train/objectives.vae_loss). Off: 1.0 / 0.02 made the DiT read the direction word, not reliably
+            # draw better (docs/architecture.md, session 33)
             "background_weight": 0.0, "background_share": 0.02,
             # (clip frames, steps, batch size, foreground weight): stages of a curriculum, each
             # warm-started from the previous one. Single frames first (the causal VAE's image path,
