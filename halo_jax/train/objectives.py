@@ -30,8 +30,8 @@ VAE (the Wan VAE trained on rendered videos x in [-1, 1]):
     everywhere; the weight makes a missed object cost as much as the rest of the frame.
     `share` is the part of each latent channel's variance over the batch that lies between clips, which in
     this world is the background's offset (per-channel normalisation of the latents keeps it). Left alone
-    it is half the variance, and a denoiser spends itself on the three latent levels rather than on where
-    the objects go; the last term holds it at most at `background_share`, relative to what the objects write.
+    it is half the variance, and the DiT's loss then barely depends on the direction word; the last term holds
+    it at most at `background_share` (measured effect: docs/architecture.md, "The moving-shapes world").
 """
 
 from __future__ import annotations
