@@ -111,7 +111,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
             # with background_weight > 0, the share of the latents' variance between clips (the background's
             # offset) is held at most at background_share by a penalty of that weight on the excess
             # (train/objectives.vae_loss). Off: 1.0 / 0.02 made the DiT read the direction word, not reliably
-            # draw better (docs/architecture.md, session 33)
+            # draw better, and with this curriculum's 200 video steps the VAE halves the objects' speed
+            # (400 keep it; docs/architecture.md, sessions 33 and 34)
             "background_weight": 0.0, "background_share": 0.02,
             # (clip frames, steps, batch size, foreground weight): stages of a curriculum, each
             # warm-started from the previous one. Single frames first (the causal VAE's image path,
