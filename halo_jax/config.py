@@ -118,7 +118,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
             # warm-started from the previous one. Single frames first (the causal VAE's image path,
             # 48 scenes per batch): unweighted, it learns the backgrounds; then weighting the object
             # pixels (train/objectives.vae_loss; objects cover ~5% of a frame) teaches the objects;
-            # last, 9-frame clips train the video path (the causal convolutions' other taps).
+            # last, 9-frame clips train the video path (the causal convolutions' other taps). A longer video
+            # stage reconstructs better and makes the DiT's samples worse (docs/architecture.md, session 35).
             "curriculum": ((1, 100, 48, 0.0), (1, 300, 48, 10.0), (9, 200, 6, 10.0)),
             "learning_rate": 2e-3, "warmup_steps": 30, "grad_clip": 1.0, "weight_decay": 0.0,
         },
